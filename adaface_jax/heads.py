@@ -1,0 +1,157 @@
+"""Margin heads as pure functions: AdaFace, ArcFace, CosFace.
+
+Every head maps ``(embeddings, norms, labels, kernel, state) -> (scaled logits, new state)``:
+
+* ``embeddings``: (B, E) unit vectors from the backbone; ``norms``: (B, 1) their pre-normalisation
+  norms (only AdaFace uses them, never differentiated).
+* ``kernel``: (E, C) class centres, normalised per column here (the original's ``l2_norm(kernel, 0)``).
+* ``state``: AdaFace's running feature-norm statistics (``AdaFaceState``); ArcFace and CosFace carry
+  an empty state so every head has one signature.
+
+The target logit is selected with a one-hot mask rather than a gather, so the same code runs
+unchanged when the kernel -- and hence the logits -- are sharded by class across devices.
+
+Math follows AdaFace's head.py (see ../shared/spec/reference-behaviour.md §5.4); where we differ
+it is an option, documented on the function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class AdaFaceState:
+    """Running statistics of the (clipped) feature norms; shapes (1,) as the PyTorch buffers."""
+
+    batch_mean: jax.Array
+    batch_std: jax.Array
+
+    @classmethod
+    def create(cls, mean: float = 20.0, std: float = 100.0) -> "AdaFaceState":
+        return cls(jnp.full((1,), mean, jnp.float32), jnp.full((1,), std, jnp.float32))
+
+
+@flax.struct.dataclass
+class EmptyState:
+    """ArcFace and CosFace keep no statistics."""
+
+
+def init_kernel(rng: jax.Array, embedding_size: int, num_classes: int, dtype=jnp.float32) -> jax.Array:
+    """``uniform(-1, 1)`` then every column scaled to unit L2 norm (the original's renorm trick)."""
+    k = jax.random.uniform(rng, (embedding_size, num_classes), dtype, -1.0, 1.0)
+    return k / jnp.linalg.norm(k, axis=0, keepdims=True)
+
+
+def cosine_logits(embeddings: jax.Array, kernel: jax.Array, eps: float) -> jax.Array:
+    """``clamp(e @ (W / ||W||_col), -1+eps, 1-eps)`` in float32."""
+    e = embeddings.astype(jnp.float32)
+    w = kernel.astype(jnp.float32)
+    w = w / jnp.sqrt(jnp.sum(jnp.square(w), axis=0, keepdims=True))
+    cos = jnp.matmul(e, w, precision=jax.lax.Precision.HIGHEST)
+    return jnp.clip(cos, -1.0 + eps, 1.0 - eps)
+
+
+def _target_mask(labels: jax.Array, num_classes: int) -> jax.Array:
+    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+
+
+def _group_stats(x: jax.Array, num_groups: int, axis_name: Optional[str]):
+    """Mean and unbiased std of x (B,) per contiguous group -> (G, 1) each, plus counts."""
+    b = x.shape[0]
+    if b % num_groups:
+        raise ValueError(f"AdaFace statistics: batch of {b} does not split into {num_groups} groups")
+    xg = x.reshape(num_groups, b // num_groups)
+    n = jnp.asarray(b // num_groups, jnp.float32)
+    mean = jnp.mean(xg, axis=1, keepdims=True)
+    if axis_name is not None:
+        mean = jax.lax.pmean(mean, axis_name)
+        n = n * jax.lax.psum(1, axis_name)
+    ssd = jnp.sum(jnp.square(xg - mean), axis=1, keepdims=True)
+    if axis_name is not None:
+        ssd = jax.lax.psum(ssd, axis_name)
+    std = jnp.sqrt(ssd / (n - 1.0))  # unbiased, as torch.Tensor.std
+    return mean, std, n
+
+
+def adaface_logits(embeddings, norms, labels, kernel, state: AdaFaceState, *, m: float = 0.4, h: float = 0.333,
+                   s: float = 64.0, t_alpha: float = 0.01, eps: float = 1e-3, num_groups: int = 1,
+                   axis_name: Optional[str] = None, skip_std_update_below_two: bool = True):
+    """AdaFace logits and the updated norm statistics.
+
+    Defaults are the released recipe (m=0.4, h=0.333, s=64, t_alpha=0.01); eps=1e-3 is used in the
+    three places of the original (cosine clamp, theta clip, std denominator).  The EMA is updated
+    *before* the margin is computed, with the unbiased std of the clipped norms.
+
+    Differences from the original, each an option:
+      num_groups: 1 (default) takes the statistics over the whole batch -- the global batch when
+        the batch is sharded over devices under ``jit``.  ``num_groups=k`` splits the batch into k
+        contiguous groups (device shards); group g's margins use the EMA updated with group g's
+        statistics and the returned state is group 0's, which is what the original computes under
+        DDP (per-GPU statistics, buffers broadcast from rank 0).
+      axis_name: inside ``shard_map``/``pmap``, reduce the statistics over this named axis.
+      skip_std_update_below_two: a batch (group) of one sample has no unbiased std; the original
+        writes NaN into ``batch_std`` and every later logit is NaN.  By default the std EMA is left
+        unchanged for such a batch (the mean is still updated).  ``False`` reproduces the NaN.
+    """
+    cos = cosine_logits(embeddings, kernel, eps)
+    b = cos.shape[0]
+    safe_norms = jax.lax.stop_gradient(jnp.clip(norms.astype(jnp.float32).reshape(b), 0.001, 100.0))
+
+    mean, std, n = _group_stats(safe_norms, num_groups, axis_name)
+    if skip_std_update_below_two:
+        std = jnp.where(n < 2, state.batch_std, std)
+    new_mean = t_alpha * mean + (1.0 - t_alpha) * state.batch_mean  # (G, 1)
+    new_std = t_alpha * std + (1.0 - t_alpha) * state.batch_std
+    per_sample_mean = jnp.repeat(new_mean, b // num_groups, axis=0).reshape(b, 1)
+    per_sample_std = jnp.repeat(new_std, b // num_groups, axis=0).reshape(b, 1)
+
+    scaler = (safe_norms.reshape(b, 1) - per_sample_mean) / (per_sample_std + eps)
+    scaler = jnp.clip(scaler * h, -1.0, 1.0)
+
+    onehot = _target_mask(labels, cos.shape[1])
+    theta = jnp.arccos(cos)
+    theta = jnp.clip(theta + onehot * (-m * scaler), eps, math.pi - eps)  # g_angular on the target
+    cos = jnp.cos(theta) - onehot * (m + m * scaler)                       # g_additive on the target
+    new_state = AdaFaceState(batch_mean=new_mean[0], batch_std=new_std[0])
+    return s * cos, new_state
+
+
+def arcface_logits(embeddings, norms, labels, kernel, state=None, *, m: float = 0.5, s: float = 64.0,
+                   eps: float = 1e-4):
+    """ArcFace (additive angular margin) as in AdaFace's head.py; ``norms`` unused."""
+    cos = cosine_logits(embeddings, kernel, eps)
+    onehot = _target_mask(labels, cos.shape[1])
+    theta = jnp.clip(jnp.arccos(cos) + onehot * m, eps, math.pi - eps)
+    return s * jnp.cos(theta), (state if state is not None else EmptyState())
+
+
+def cosface_logits(embeddings, norms, labels, kernel, state=None, *, m: float = 0.4, s: float = 64.0,
+                   eps: float = 1e-4):
+    """CosFace (additive cosine margin) as in AdaFace's head.py; ``norms`` unused."""
+    cos = cosine_logits(embeddings, kernel, eps)
+    onehot = _target_mask(labels, cos.shape[1])
+    return s * (cos - onehot * m), (state if state is not None else EmptyState())
+
+
+HEADS = {"adaface": adaface_logits, "arcface": arcface_logits, "cosface": cosface_logits}
+
+
+def initial_state(head: str):
+    """The state a head starts from (AdaFace: mean 20, std 100, as the original buffers)."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
+    return AdaFaceState.create() if head == "adaface" else EmptyState()
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy in float32 (``torch.nn.CrossEntropyLoss``), written with a one-hot mask
+    so a class-sharded logits matrix is reduced without being gathered."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.sum(logits * _target_mask(labels, logits.shape[-1]), axis=-1)
+    return jnp.mean(lse - target)
