@@ -85,7 +85,6 @@ class BasicBlockIR(_Common):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        ura = not train
         r = self.bn("res_layer_0", train)(x)
         r = self.conv(self.depth, 3, 1, "res_layer_1", PAD1)(r)
         r = self.bn("res_layer_2", train)(r)
@@ -102,7 +101,6 @@ class BottleneckIR(_Common):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        ura = not train
         mid = self.depth // 4
         r = self.bn("res_layer_0", train)(x)
         r = self.conv(mid, 1, 1, "res_layer_1", "VALID")(r)

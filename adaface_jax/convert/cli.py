@@ -1,0 +1,25 @@
+"""``adaface-jax convert IN.ckpt OUT_DIR [--arch ir_50]``: PyTorch .ckpt -> orbax + JSON meta."""
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(parser):
+    parser.add_argument("src", help="PyTorch checkpoint (released {'state_dict': ...} or a Lightning .ckpt)")
+    parser.add_argument("out_dir", help="output directory (orbax checkpoint/ + adaface_meta.json)")
+    parser.add_argument("--arch", default=None, help="ir_18 ... ir_se_200; inferred from the keys if omitted")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing converted checkpoint")
+
+
+def run(args) -> int:
+    from adaface_jax.convert.convert import convert_checkpoint
+
+    try:
+        meta = convert_checkpoint(args.src, args.out_dir, arch=args.arch, force=args.force)
+    except (ValueError, OSError) as e:  # mismatch, unreadable/unsafe file, existing output
+        print(f"adaface-jax convert: error: {e}", file=sys.stderr)
+        return 1
+    head = f", head with {meta['head_num_classes']} classes" if meta["head_num_classes"] else ""
+    print(f"converted {args.src} -> {args.out_dir}: {meta['arch']} {meta['input_size'][0]}x"
+          f"{meta['input_size'][1]} {meta['channel_order']}{head}")
+    return 0

@@ -1,0 +1,119 @@
+"""Read PyTorch checkpoints without ever executing pickled code.
+
+1. ``torch.load(weights_only=True)``: enough for the released models ({'state_dict': ...}).
+2. Otherwise (full Lightning checkpoints carry e.g. ``AttributeDict`` hyper-parameters) a restricted
+   unpickler: globals on torch's own weights-only allowlist (tensors, storages, dtypes, containers)
+   resolve normally; every other global resolves to an inert *stub class*.  Instantiating a stub the
+   way pickle rebuilds plain objects (NEWOBJ + BUILD) gives a dict holding the object's items and
+   state, so a Lightning ``AttributeDict`` loads as a dict.  *Calling* a stub -- what a ``__reduce__``
+   that returns e.g. ``(os.system, ('...',))`` asks for -- raises ``UnsafeCheckpointError``: nothing
+   outside the allowlist ever runs.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import types
+import zipfile
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """The checkpoint asks to call code outside the allowlist; loading is refused."""
+
+
+class CheckpointReadError(ValueError):
+    """The file is missing, truncated or not a PyTorch checkpoint."""
+
+
+def _allowed_globals() -> dict:
+    import torch
+    from torch import _weights_only_unpickler as wou
+
+    allowed = dict(wou._get_allowed_globals())
+    allowed.update({
+        "collections.OrderedDict": collections.OrderedDict,
+        "collections.Counter": collections.Counter,
+        "collections.defaultdict": collections.defaultdict,
+        "builtins.set": set,
+        "builtins.frozenset": frozenset,
+        "builtins.slice": slice,
+        "builtins.complex": complex,
+        "builtins.bytearray": bytearray,
+        "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+        "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    })
+    return allowed
+
+
+class _StubMeta(type):
+    def __call__(cls, *args, **kwargs):
+        raise UnsafeCheckpointError(
+            f"refusing to call {cls.__qualname__!r} while loading a checkpoint: it is not a tensor, container "
+            "or primitive type, so calling it could run arbitrary code")
+
+
+class StubObject(dict, metaclass=_StubMeta):
+    """An object of a class outside the allowlist, kept as its items plus ``'__state__'``."""
+
+    stub_of = "?"
+
+    def __setstate__(self, state):
+        # BUILD: plain objects pickle their __dict__ (or (dict, slots)) as state.
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], (dict, type(None))):
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.setdefault("__state__", {}).update(state)
+        elif state is not None:
+            self["__state__"] = state
+
+
+def _stub_class(module: str, name: str) -> type:
+    qualname = f"{module}.{name}"
+    return _StubMeta(name, (StubObject,), {"stub_of": qualname, "__qualname__": qualname, "__module__": __name__})
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    _allowed = None
+
+    def find_class(self, module, name):
+        if RestrictedUnpickler._allowed is None:
+            RestrictedUnpickler._allowed = _allowed_globals()
+        obj = self._allowed.get(f"{module}.{name}")
+        if obj is not None:
+            return obj
+        return _stub_class(module, name)
+
+
+def _restricted_load(file, **kwargs):
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# What torch.load(pickle_module=...) needs: Unpickler (zip format) and load (legacy format).
+restricted_pickle = types.SimpleNamespace(
+    __name__="adaface_jax_restricted_pickle", Unpickler=RestrictedUnpickler, load=_restricted_load,
+    UnpicklingError=pickle.UnpicklingError)
+
+
+def read_torch_checkpoint(path: str | os.PathLike):
+    """The unpickled content of a ``.ckpt``/``.pt`` file, loaded on CPU without running pickled code."""
+    import torch
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointReadError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointReadError(f"{path}: empty file, expected a PyTorch checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as weights_only_error:
+        first_error = weights_only_error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{path}: {e}") from first_error
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+            TypeError, AttributeError) as e:
+        raise CheckpointReadError(f"{path}: could not be read with the restricted unpickler: {e}") from e

@@ -1,0 +1,106 @@
+"""Pretrained AdaFace models in a few lines::
+
+    from adaface_jax.inference import load_pretrained, to_input
+    model = load_pretrained("adaface_ir50_ms1mv2.ckpt")      # or a converted directory
+    emb, norm = model.embed(to_input(aligned_rgb_face))       # (1, 512) unit vectors, (1, 1) norms
+
+Inputs of ``embed`` are NHWC float32 **BGR** images normalised as ``(x/255 - 0.5)/0.5`` (what
+``to_input`` makes from an aligned RGB face, like the original ``inference.to_input`` but NHWC).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaface_jax.models import build_model
+
+
+def to_input(img, size: int = 112) -> np.ndarray:
+    """Aligned RGB face (uint8 array (H, W, 3) or PIL image) -> float32 BGR model input (1, H, W, 3)."""
+    if hasattr(img, "convert") and hasattr(img, "size"):  # PIL.Image
+        img = np.asarray(img.convert("RGB"))
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"to_input expects an RGB image of shape (H, W, 3), got {arr.shape}")
+    if arr.shape[:2] != (size, size):
+        raise ValueError(f"to_input expects an aligned {size}x{size} face, got {arr.shape[0]}x{arr.shape[1]} "
+                         "(align it first, e.g. with adaface_jax.align)")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"to_input expects uint8 pixels in [0, 255], got dtype {arr.dtype}")
+    bgr = arr[:, :, ::-1].astype(np.float64)
+    return (((bgr / 255.0) - 0.5) / 0.5).astype(np.float32)[None]
+
+
+@dataclasses.dataclass
+class PretrainedModel:
+    """A backbone with its weights. ``embed(x)`` -> numpy ``(embeddings (N, 512), norms (N, 1))``."""
+
+    arch: str
+    variables: dict
+    meta: dict
+    module: Any
+    head: Optional[dict] = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        self.variables = jax.tree_util.tree_map(jnp.asarray, self.variables)
+        self._embed_fns = {}
+
+    def _embed_fn(self, flip_test: bool):
+        # The forward + flip fusion of adaface_jax.features (the one implementation), compiled once
+        # per flip setting and kept, so repeated embed() calls do not recompile.
+        from adaface_jax.features import make_embed_fn
+
+        if flip_test not in self._embed_fns:
+            self._embed_fns[flip_test] = make_embed_fn(self.module, flip_test=flip_test)
+        return self._embed_fns[flip_test]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.module.input_size)
+
+    def embed(self, x, flip_test: bool = False):
+        """Embed NHWC BGR images -- float32 normalised (``to_input``) or uint8 -- in fixed-size
+        batches (one compilation).  ``flip_test`` adds the width-flipped view, fused with
+        ``pre_norm_vector_add`` (reference-behaviour §0)."""
+        x = np.asarray(x)
+        if x.dtype != np.uint8:
+            x = x.astype(np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        s = self.input_size
+        if x.ndim != 4 or x.shape[1:] != (s, s, 3):
+            raise ValueError(f"embed expects (N, {s}, {s}, 3) BGR images (normalised float or uint8), "
+                             f"got {x.shape}")
+        n = x.shape[0]
+        bs = min(self.batch_size, max(n, 1))
+        embs, norms = [], []
+        for start in range(0, n, bs):
+            chunk = x[start:start + bs]
+            pad = bs - chunk.shape[0]
+            if pad:  # keep one static shape so the last partial batch does not recompile
+                chunk = np.concatenate([chunk, np.zeros((pad, s, s, 3), chunk.dtype)])
+            e, nm = self._embed_fn(bool(flip_test))(self.variables, chunk)
+            embs.append(np.asarray(e)[:bs - pad])
+            norms.append(np.asarray(nm)[:bs - pad])
+        if not embs:
+            return np.zeros((0, self.module.embedding_size), np.float32), np.zeros((0, 1), np.float32)
+        return np.concatenate(embs), np.concatenate(norms)
+
+    __call__ = embed
+
+
+def load_pretrained(path: str, arch: Optional[str] = None, dtype=jnp.float32,
+                    batch_size: int = 64) -> PretrainedModel:
+    """A released/Lightning ``.ckpt`` (converted on the fly, safely) or a converted directory."""
+    from adaface_jax.convert.convert import load_any
+
+    arch, variables, head, meta = load_any(path, arch)
+    input_size = int(meta.get("input_size", [112])[0])
+    module = build_model(arch, input_size=input_size, dtype=dtype)
+    return PretrainedModel(arch=arch, variables=variables, meta=meta, module=module, head=head,
+                           batch_size=batch_size)
