@@ -25,8 +25,11 @@ class StageSpec:
     num_units: int
 
 
-def stage_specs(num_layers: int) -> list[StageSpec]:
-    """The four stages of the original ``get_blocks``; the first unit of each has stride 2."""
+def stage_specs(num_layers: int, width: int = 64) -> list[StageSpec]:
+    """The four stages of the original ``get_blocks``; the first unit of each has stride 2.
+
+    ``width`` scales every channel count (64 = the published networks); a narrower network
+    (e.g. 16) is only for CPU demos and tests -- no released checkpoint has one."""
     basic = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 14, 3], 100: [3, 13, 30, 3]}
     bottleneck = {152: [3, 8, 36, 3], 200: [3, 24, 36, 3]}
     if num_layers in basic:
@@ -37,13 +40,17 @@ def stage_specs(num_layers: int) -> list[StageSpec]:
         units = bottleneck[num_layers]
     else:
         raise ValueError(f"num_layers must be one of 18, 34, 50, 100, 152, 200, got {num_layers}")
+    if width != 64:
+        if width <= 0 or width % 4:
+            raise ValueError(f"width must be a positive multiple of 4, got {width}")
+        chans = [(i * width // 64, d * width // 64) for i, d in chans]
     return [StageSpec(i, d, n) for (i, d), n in zip(chans, units)]
 
 
-def unit_strides(num_layers: int) -> list[tuple[int, int, int]]:
+def unit_strides(num_layers: int, width: int = 64) -> list[tuple[int, int, int]]:
     """(in_channel, depth, stride) for every unit of the body, in state_dict order."""
     out = []
-    for st in stage_specs(num_layers):
+    for st in stage_specs(num_layers, width):
         out.append((st.in_channel, st.depth, 2))
         out.extend((st.depth, st.depth, 1) for _ in range(st.num_units - 1))
     return out
@@ -124,6 +131,7 @@ class IResNet(nn.Module):
       use_se: IR-SE variant.
       input_size: 112 or 224 (the output Linear sees 7x7 or 14x14).
       embedding_size: 512 in every released model.
+      width: channels of the first stage (64 in every released model; narrower only for demos).
       dropout_rate: 0.4 before the output Linear (train mode only; rng collection 'dropout').
       dtype: compute dtype (bfloat16 for training); parameters and BatchNorm statistics stay float32
         and the embedding/norm are returned in float32.
@@ -136,6 +144,7 @@ class IResNet(nn.Module):
     use_se: bool = False
     input_size: int = 112
     embedding_size: int = 512
+    width: int = 64
     dropout_rate: float = 0.4
     dtype: Any = jnp.float32
     bn_groups: int = 1
@@ -150,13 +159,13 @@ class IResNet(nn.Module):
         common = dict(bn_groups=self.bn_groups, axis_name=self.axis_name, dtype=self.dtype)
         bn_kw = dict(num_groups=self.bn_groups, axis_name=self.axis_name, dtype=self.dtype)
         x = x.astype(self.dtype)
-        x = nn.Conv(64, (3, 3), padding=PAD1, use_bias=False, kernel_init=conv_kernel_init_torch_fan_out(),
+        x = nn.Conv(self.width, (3, 3), padding=PAD1, use_bias=False, kernel_init=conv_kernel_init_torch_fan_out(),
                     dtype=self.dtype, param_dtype=jnp.float32, name="input_layer_0")(x)
         x = BatchNorm(use_running_average=ura, name="input_layer_1", **bn_kw)(x)
         x = PReLU(name="input_layer_2")(x)
 
         block_cls = BasicBlockIR if self.num_layers <= 100 else BottleneckIR
-        for k, (cin, depth, stride) in enumerate(unit_strides(self.num_layers)):
+        for k, (cin, depth, stride) in enumerate(unit_strides(self.num_layers, self.width)):
             x = block_cls(cin, depth, stride, use_se=self.use_se, name=f"body_{k}", **common)(x, train)
 
         x = BatchNorm(use_running_average=ura, name="output_layer_0", **bn_kw)(x)

@@ -1,0 +1,30 @@
+"""``adaface-jax embed PATHS... --checkpoint CKPT --out feats.npz [--align]``."""
+from __future__ import annotations
+
+
+def add_arguments(parser):
+    parser.add_argument("paths", nargs="+", help="images: aligned 112x112 crops, or photos with --align")
+    parser.add_argument("--checkpoint", required=True, help="a PyTorch AdaFace .ckpt or a converted/trained directory")
+    parser.add_argument("--arch", default=None, help="architecture (inferred from the checkpoint when omitted)")
+    parser.add_argument("--out", required=True, help="output .npz: sources, embeddings, norms, ok, errors")
+    parser.add_argument("--align", action="store_true", help="detect (MTCNN) and align each photo first")
+    parser.add_argument("--select", choices=["score", "largest"], default="score",
+                        help="which face to keep when a photo has several (default: highest score, as the original)")
+    parser.add_argument("--flip-test", action="store_true", help="add the horizontally flipped view (pre_norm_vector_add)")
+    parser.add_argument("--batch-size", type=int, default=64)
+
+
+def run(args) -> int:
+    from adaface_jax.inference import load_pretrained
+    from adaface_jax.photos import embed_photos
+
+    model = load_pretrained(args.checkpoint, arch=args.arch)
+    result = embed_photos(model, args.paths, align=args.align, flip_test=args.flip_test, select=args.select,
+                          batch_size=args.batch_size, progress=True)
+    result.save(args.out)
+    print(f"wrote {args.out}: {int(result.ok.sum())}/{len(result.ok)} images embedded "
+          f"({model.arch}, dim {result.embeddings.shape[1]})")
+    for src, err in zip(result.sources, result.errors):
+        if err:
+            print(f"  {src}: {err}")
+    return 0 if result.ok.all() else 1

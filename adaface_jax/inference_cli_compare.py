@@ -1,0 +1,22 @@
+"""``adaface-jax compare IMG... --checkpoint CKPT``: align, embed and print the similarity matrix
+(the original repository's inference example), with each photo's feature norm."""
+from __future__ import annotations
+
+
+def add_arguments(parser):
+    parser.add_argument("paths", nargs="+", help="photos (aligned first unless --no-align)")
+    parser.add_argument("--checkpoint", required=True, help="a PyTorch AdaFace .ckpt or a converted/trained directory")
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--no-align", dest="align", action="store_false",
+                        help="the images are already aligned 112x112 crops")
+    parser.add_argument("--flip-test", action="store_true")
+
+
+def run(args) -> int:
+    from adaface_jax.inference import load_pretrained
+    from adaface_jax.photos import embed_photos, format_similarity
+
+    model = load_pretrained(args.checkpoint, arch=args.arch)
+    result = embed_photos(model, args.paths, align=args.align, flip_test=args.flip_test)
+    print(format_similarity(result))
+    return 0 if result.ok.all() else 1
