@@ -1,0 +1,224 @@
+"""Batched, sharded embedding extraction with flip-test fusion (the ONE implementation).
+
+Used by evaluation, training validation and inference. Images go in as NHWC **BGR**, either
+uint8 in [0, 255] (normalised here to ``(x/255 - 0.5)/0.5``) or float already normalised to
+[-1, 1]. Batches are padded to a multiple of the local device count, sharded over
+``Mesh(jax.local_devices(), ('data',))`` with ``P('data')`` and run through one jitted function
+that applies the model to the image and (optionally) its horizontal flip (NHWC axis 2, on the
+normalised tensor) and fuses the two views with :func:`fuse` (reference-behaviour §0).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+FUSION_METHODS = ("pre_norm_vector_add", "norm_weighted_avg", "average", "concat")
+
+
+def _xp(x):
+    """numpy for numpy inputs, jax.numpy for jax arrays and tracers."""
+    if isinstance(x, np.ndarray):
+        return np
+    import jax  # noqa: PLC0415
+    return jax.numpy if isinstance(x, jax.Array) else np
+
+
+def _l2_normalize(xp, v):
+    # Plain division, no epsilon: a zero vector gives NaN like the reference.
+    return v / xp.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def fuse(embs, norms=None, method: str = "pre_norm_vector_add"):
+    """Fuse K views: ``embs (K, N, D)`` unit vectors, ``norms (K, N, 1)`` -> ``(features, norms)``.
+
+    * ``pre_norm_vector_add``: ``v = sum_k n_k e_k``; feature ``v/||v||``, norm ``||v||``.
+    * ``norm_weighted_avg``: feature ``normalize(sum_k (n_k/sum_j n_j) e_k)``, norm ``mean_k n_k``.
+    * ``average``: feature ``normalize(sum_k e_k)``, norm ``mean_k n_k`` (ones without norms).
+    * ``concat``: feature ``[e_1, ..., e_K]`` (K*D, NOT normalised), norm ``mean_k n_k``.
+    Works on numpy and jax arrays alike.
+    """
+    xp = _xp(embs)
+    if embs.ndim != 3:
+        raise ValueError(f"embs must be (K, N, D), got shape {tuple(embs.shape)}")
+    if norms is None:
+        if method != "average":
+            raise ValueError(f"fusion {method!r} needs norms")
+        return _l2_normalize(xp, xp.sum(embs, axis=0)), xp.ones((embs.shape[1], 1), embs.dtype)
+    if norms.shape != embs.shape[:2] + (1,):
+        raise ValueError(f"norms must be (K, N, 1) = {embs.shape[:2] + (1,)}, got {tuple(norms.shape)}")
+    if method == "pre_norm_vector_add":
+        v = xp.sum(embs * norms, axis=0)
+        n = xp.linalg.norm(v, axis=-1, keepdims=True)
+        return v / n, n
+    if method == "norm_weighted_avg":
+        w = norms / xp.sum(norms, axis=0, keepdims=True)
+        return _l2_normalize(xp, xp.sum(embs * w, axis=0)), xp.mean(norms, axis=0)
+    if method == "average":
+        return _l2_normalize(xp, xp.sum(embs, axis=0)), xp.mean(norms, axis=0)
+    if method == "concat":
+        return xp.concatenate(list(embs), axis=-1), xp.mean(norms, axis=0)
+    if method == "faceness_score":
+        raise NotImplementedError("fusion 'faceness_score' is not implemented (as in the reference)")
+    raise ValueError(f"unknown fusion method {method!r}; expected one of {FUSION_METHODS}")
+
+
+def normalize_bgr(images):
+    """uint8 BGR -> float32 ``(x/255 - 0.5)/0.5``; float input is returned as float32 unchanged."""
+    xp = _xp(images)
+    if images.dtype == xp.uint8:
+        return (images.astype(xp.float32) / 255.0 - 0.5) / 0.5
+    return images.astype(xp.float32)
+
+
+def make_mesh():
+    """1-D ``('data',)`` mesh over all local devices."""
+    import jax  # noqa: PLC0415
+    return jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+
+
+def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
+    """Re-chunk an array or an iterable of arrays into batches of exactly ``batch_size`` (last shorter)."""
+    if isinstance(images, np.ndarray) or hasattr(images, "__getitem__") and hasattr(images, "shape"):
+        for start in range(0, images.shape[0], batch_size):
+            yield np.asarray(images[start:start + batch_size])
+        return
+    pending, count = [], 0
+    for chunk in images:
+        chunk = np.asarray(chunk)
+        if chunk.ndim == 3:
+            chunk = chunk[None]
+        pending.append(chunk)
+        count += chunk.shape[0]
+        while count >= batch_size:
+            block = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            yield block[:batch_size]
+            rest = block[batch_size:]
+            pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
+    if count:
+        yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+
+
+@functools.lru_cache(maxsize=16)
+def make_embed_fn(module, flip_test: bool = True, fusion: str = "pre_norm_vector_add"):
+    """jit-compiled ``(variables, images) -> (features, norms)`` for one (sharded) batch.
+
+    Cached per (module config, flip, fusion) so repeated validation runs compile once."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    if fusion not in FUSION_METHODS:
+        fuse(np.zeros((1, 1, 1)), np.ones((1, 1, 1)), fusion)  # raises the right error
+
+    def embed(variables, images):
+        x = normalize_bgr(images)
+        if not flip_test:
+            emb, norm = module.apply(variables, x, train=False)
+            return emb.astype(jnp.float32), norm.astype(jnp.float32)
+        both = jnp.concatenate([x, jnp.flip(x, axis=2)], axis=0)
+        emb, norm = module.apply(variables, both, train=False)
+        n = x.shape[0]
+        embs = jnp.stack([emb[:n], emb[n:]]).astype(jnp.float32)
+        norms = jnp.stack([norm[:n], norm[n:]]).astype(jnp.float32)
+        return fuse(embs, norms, fusion)
+
+    return jax.jit(embed)
+
+
+def _cache_path(cache_dir, cache_key, flip_test, fusion):
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(cache_key))
+    return os.path.join(cache_dir, f"{safe}__flip{int(flip_test)}_{fusion}.npz")
+
+
+def save_npz_atomic(path: str, **arrays) -> None:
+    """np.savez to a temp name in the same folder, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def extract_features(module, variables, images, batch_size: int = 128, flip_test: bool = True,
+                     fusion: str = "pre_norm_vector_add", mesh=None, cache_dir: str | None = None,
+                     cache_key: str | None = None, num_images: int | None = None,
+                     progress: bool = True, desc: str = "embedding"):
+    """Embed ``images`` -> ``(features (N, D'), norms (N, 1))`` as float32 numpy arrays.
+
+    Args:
+      module, variables: a Flax module whose ``apply(variables, x, train=False)`` returns
+        ``(emb (B, D) unit, norm (B, 1))`` and its variables.
+      images: NHWC BGR, uint8 (normalised here) or float32 already in [-1, 1]; an array
+        (N, H, W, 3) or an iterable of such arrays (any chunk sizes; re-batched here).
+      batch_size: images per step; rounded up to a multiple of the local device count. The last
+        batch is zero-padded to full size (one compiled shape) and the padding dropped.
+      flip_test, fusion: §0 flip test and fusion method (see :func:`fuse`).
+      mesh: a mesh with a ``'data'`` axis; default all local devices.
+      cache_dir, cache_key: when both are given, results are read from / written atomically to
+        ``<cache_dir>/<cache_key>__flip<0|1>_<fusion>.npz``. The key must identify checkpoint and
+        dataset (e.g. ``f"{ckpt_name}-{step}-lfw"``); a hit does not run the model.
+      num_images: total count for the progress bar when ``images`` is a plain iterable.
+    """
+    import jax  # noqa: PLC0415
+    from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+
+    path = None
+    if cache_dir is not None and cache_key is not None:
+        path = _cache_path(cache_dir, cache_key, flip_test, fusion)
+        if os.path.exists(path):
+            with np.load(path, allow_pickle=False) as z:
+                return z["features"], z["norms"]
+
+    mesh = make_mesh() if mesh is None else mesh
+    n_dev = mesh.shape["data"]
+    batch_size = max(n_dev, -(-int(batch_size) // n_dev) * n_dev)
+    sharding = NamedSharding(mesh, P("data"))
+    embed = make_embed_fn(module, flip_test, fusion)
+    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+
+    total = num_images if num_images is not None else (images.shape[0] if hasattr(images, "shape") else None)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+        bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+
+    feats, norms, pending = [], [], None
+
+    def collect(item):
+        (f, n), valid = item
+        feats.append(np.asarray(f)[:valid])
+        norms.append(np.asarray(n)[:valid])
+        if bar is not None:
+            bar.update(valid)
+
+    for batch in _batches(images, batch_size):
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"images must be NHWC with 3 (BGR) channels, got batch shape {batch.shape}")
+        valid = batch.shape[0]
+        if valid < batch_size:
+            pad = np.zeros((batch_size - valid,) + batch.shape[1:], batch.dtype)
+            batch = np.concatenate([batch, pad])
+        out = embed(variables, jax.device_put(batch, sharding))  # async dispatch
+        if pending is not None:
+            collect(pending)  # fetch the previous batch while this one runs
+        pending = (out, valid)
+    if pending is not None:
+        collect(pending)
+    if bar is not None:
+        bar.close()
+    if not feats:
+        raise ValueError("no images to embed")
+    features = np.concatenate(feats).astype(np.float32)
+    norms_out = np.concatenate(norms).astype(np.float32)
+    if path is not None:
+        save_npz_atomic(path, features=features, norms=norms_out)
+    return features, norms_out
