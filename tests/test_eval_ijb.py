@@ -272,10 +272,8 @@ def test_loose_crop_alignment_matches_skimage_cv2(tmp_path):
     meta = small_meta(tmp_path)
     got = list(ijb.iter_aligned_images(meta))
     lm = meta.landmarks[0]
-    from adaface_jax.align import REFERENCE_5PTS
-    # the align package's template agrees with float32(30.2946)+8 etc. to a few float32 ulps
-    np.testing.assert_allclose(REFERENCE_5PTS, TEMPLATE_112, atol=1e-5)
-    tform = SimilarityTransform.from_estimate(lm.astype(np.float64), REFERENCE_5PTS.astype(np.float64))
+    # The reference IJB loader's template: float32 4-decimal points, +8 in float32 (§2.2).
+    tform = SimilarityTransform.from_estimate(lm.astype(np.float64), TEMPLATE_112.astype(np.float64))
     ref = cv2.warpAffine(imgs[0], tform.params[0:2, :], (112, 112), borderValue=0.0)
     assert len(got) == 8 and got[0].shape == (112, 112, 3)
     np.testing.assert_array_equal(got[0], ref)

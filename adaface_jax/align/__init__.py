@@ -5,6 +5,7 @@ the original inference path); ``warp_face`` keeps whatever channel order it is g
 ``AlignResult.face_rgb`` is RGB and ``AlignResult.face_bgr`` is what AdaFace models take.
 """
 from adaface_jax.align.transform import (
+    IJB_REFERENCE_5PTS,
     REFERENCE_5PTS,
     estimate_matrix,
     reduce_landmarks,
@@ -17,6 +18,7 @@ from adaface_jax.align.mtcnn import FaceDetector, default_detector, detect_faces
 from adaface_jax.align.pipeline import AlignResult, UnreadableImageError, align_face, align_faces, load_rgb
 
 __all__ = [
+    "IJB_REFERENCE_5PTS",
     "REFERENCE_5PTS",
     "AlignResult",
     "FaceDetector",

@@ -35,18 +35,29 @@ REFERENCE_5PTS = np.array(
     dtype=np.float32,
 )
 
+# The IJB loader (§2.2) builds its template from the 4-decimal 96x112 points in float32 and adds
+# 8 in float32; that differs from REFERENCE_5PTS by up to ~8e-6 px, enough to flip a few pixel
+# values of a warp by 1, so the Umeyama (IJB) path uses exactly this form.
+IJB_REFERENCE_5PTS = np.array(
+    [[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
+    dtype=np.float32,
+)
+IJB_REFERENCE_5PTS[:, 0] += np.float32(8.0)
+
 # 96x112 crops use the template without the +8 px shift (the only other size the original allows).
 _REFERENCE_96x112 = REFERENCE_5PTS - np.array([8.0, 0.0], dtype=np.float32)
 
 
-def reference_points(size=112) -> np.ndarray:
+def reference_points(size=112, method: str = "cp2tform") -> np.ndarray:
     """The float32 (5, 2) template for an output crop of ``size``.
 
     Args:
       size: 112 (square 112x112 crop) or (96, 112) given as (width, height).
+      method: "umeyama" gives the IJB loader's float32 form of the 112x112 template (§2.2),
+        "cp2tform" the inference path's (§4.3).
     """
     if size in (112, (112, 112)):
-        return REFERENCE_5PTS.copy()
+        return (IJB_REFERENCE_5PTS if method == "umeyama" else REFERENCE_5PTS).copy()
     if tuple(np.atleast_1d(size)) == (96, 112):
         return _REFERENCE_96x112.copy()
     raise ValueError(f"crop size must be 112, (112, 112) or (96, 112) as (width, height); got {size!r}")
@@ -180,7 +191,7 @@ def estimate_matrix(landmarks, method: str = "umeyama", size=112) -> np.ndarray:
     """(2, 3) matrix mapping image landmarks (5 or 68 points) onto the template for ``size``."""
     if method not in _ESTIMATORS:
         raise ValueError(f"unknown alignment method {method!r}; expected one of {sorted(_ESTIMATORS)}")
-    return _ESTIMATORS[method](reduce_landmarks(landmarks), reference_points(size))
+    return _ESTIMATORS[method](reduce_landmarks(landmarks), reference_points(size, method))
 
 
 def warp_face(image, landmarks, method: str = "umeyama", size=112, *, return_matrix: bool = False):
