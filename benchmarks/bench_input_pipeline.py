@@ -1,0 +1,141 @@
+"""Input pipeline throughput: ours (tf.data) vs a reference PyTorch DataLoader + PIL + OpenCV pipeline doing the
+same work (decode JPEG, BGR, the §5.5 augmentations at recipe probabilities, normalise, batch) on the same cores.
+
+    python3 benchmarks/bench_input_pipeline.py --images 2000 --cores 2 --batches 30
+
+Prints images/s, images/s per core and the ratio ours/reference for decode-only and full augmentation.
+Targets: >= 2x the reference and >= 1000 images/s/core. Numbers vary with other load on the machine.
+"""
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ReferenceDataset:
+    """What the original does per sample (record_dataset.py + Augmenter + transforms), on in-memory JPEG bytes."""
+
+    def __init__(self, encoded, labels, augment):
+        self.encoded, self.labels, self.augment = encoded, labels, augment
+
+    def __len__(self):
+        return len(self.encoded)
+
+    def __getitem__(self, index):
+        import cv2
+        import torch
+        from PIL import Image, ImageEnhance
+
+        bgr = cv2.imdecode(np.frombuffer(self.encoded[index], np.uint8), cv2.IMREAD_COLOR)  # mx decode + swap
+        img = Image.fromarray(bgr, "RGB")  # BGR data in a PIL "RGB" image, as the original
+        if self.augment:
+            if np.random.random() < 0.2:  # crop with zero fill
+                i, j, h, w = _torch_crop_params(112, 112)
+                arr = np.zeros((112, 112, 3), np.uint8)
+                arr[i:i + h, j:j + w] = np.asarray(img)[i:i + h, j:j + w]
+                img = Image.fromarray(arr)
+            if np.random.random() < 0.2:  # low resolution
+                flags = [cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_AREA, cv2.INTER_CUBIC, cv2.INTER_LANCZOS4]
+                side = int(np.random.uniform(0.2, 1.0) * 112)
+                arr = cv2.resize(np.asarray(img), (side, side), interpolation=np.random.choice(flags))
+                img = Image.fromarray(cv2.resize(arr, (112, 112), interpolation=np.random.choice(flags)))
+            if np.random.random() < 0.2:  # photometric (ColorJitter 0.5, hue 0)
+                order = torch.randperm(4).tolist()
+                factors = [float(torch.empty(1).uniform_(0.5, 1.5)) for _ in range(3)]
+                enh = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+                for k in order:
+                    if k < 3:
+                        img = enh[k](img).enhance(factors[k])
+            if torch.rand(1) < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img, np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (x - 0.5) / 0.5, self.labels[index]
+
+
+def _torch_crop_params(height, width):
+    import torch
+    area = height * width
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(0.2, 1.0).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3)).item())
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return (torch.randint(0, height - h + 1, (1,)).item(), torch.randint(0, width - w + 1, (1,)).item(), h, w)
+    return 0, 0, height, width
+
+
+def time_reference(encoded, labels, augment, cores, batch, batches):
+    import torch
+    torch.set_num_threads(1)
+    loader = torch.utils.data.DataLoader(ReferenceDataset(encoded, labels, augment), batch_size=batch, shuffle=True,
+                                         num_workers=cores, drop_last=True, persistent_workers=True,
+                                         prefetch_factor=4)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    start = time.perf_counter()
+    n = 0
+    while n < batches:
+        try:
+            next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        n += 1
+    return batches * batch / (time.perf_counter() - start)
+
+
+def time_ours(data_dir, augment, cores, batch, batches):
+    from data_pipeline.input import TrainInputConfig, make_train_iterator
+    cfg = TrainInputConfig(data_dir=data_dir, global_batch_size=batch, seed=0, augment=augment,
+                           num_parallel_calls=cores, threads=cores, shuffle_buffer=2048)
+    it = make_train_iterator(cfg)
+    for _ in range(3):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--data-dir", default=None, help="an existing dataset dir (default: synthesize one)")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from data_pipeline import synthetic
+    from data_pipeline.manifest import read_manifest, shard_paths
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = os.path.join(tempfile.mkdtemp(), "syn")
+        ids = max(2, args.images // 20)
+        synthetic.write_synthetic_dataset(data_dir, ids, args.images // ids, seed=0, show_progress=False)
+    import tensorflow as tf
+    encoded, labels = [], []
+    for record in tf.data.TFRecordDataset(shard_paths(data_dir, read_manifest(data_dir))):
+        f = tf.train.Example.FromString(record.numpy()).features.feature
+        encoded.append(f["image"].bytes_list.value[0])
+        labels.append(f["label"].int64_list.value[0])
+    print(f"{len(encoded)} JPEG images of {np.mean([len(e) for e in encoded]) / 1024:.1f} KiB, cores={args.cores}, "
+          f"batch={args.batch}, batches={args.batches}")
+    print(f"{'mode':<14}{'ours img/s':>12}{'ours /core':>12}{'ref img/s':>12}{'ref /core':>12}{'ratio':>8}")
+    for name, augment in (("decode-only", False), ("full-augment", True)):
+        ours = time_ours(data_dir, augment, args.cores, args.batch, args.batches)
+        ref = time_reference(encoded, labels, augment, args.cores, args.batch, args.batches)
+        print(f"{name:<14}{ours:>12.0f}{ours / args.cores:>12.0f}{ref:>12.0f}{ref / args.cores:>12.0f}"
+              f"{ours / ref:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

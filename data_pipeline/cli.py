@@ -1,0 +1,50 @@
+"""`adaface-jax prepare rec|folder|list|bin SRC OUT`: convert face datasets to TFRecord shards (or cache a .bin)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=["rec", "folder", "list", "bin"],
+                        help="rec: InsightFace train.rec(+.idx); folder: one subfolder per identity; list: "
+                             "'path<TAB>label' file; bin: decode a validation .bin into a .npy cache")
+    parser.add_argument("src", help="source .rec / folder / list file / .bin")
+    parser.add_argument("out", help="output dataset directory (for bin: the cache directory)")
+    parser.add_argument("--idx", default=None, help="the .idx of a .rec (default: next to it; scanned if absent)")
+    parser.add_argument("--root", default=None, help="list mode: folder that relative paths start from")
+    parser.add_argument("--skip-corrupt", action="store_true",
+                        help="skip corrupt records/images (counted in the manifest) instead of stopping")
+    parser.add_argument("--channel-order", choices=["RGB", "BGR"], default="RGB",
+                        help="what a standard decoder returns for the stored images (RGB for InsightFace .rec "
+                             "and normal photos; BGR only for sources that were saved swapped)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--shard-mb", type=float, default=150.0, help="target shard size in MB")
+    parser.add_argument("--num-shards", type=int, default=None, help="fixed shard count (overrides --shard-mb)")
+    parser.add_argument("--name", default="faces", help="dataset name used in shard file names")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the source order across shards")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import convert  # noqa: PLC0415  (keeps `adaface-jax --help` fast)
+
+    if args.kind == "bin":
+        from .bin_reader import load_bin  # noqa: PLC0415
+        images, issame = load_bin(args.src, cache_dir=args.out)
+        print(json.dumps({"bin": os.path.abspath(args.src), "images": list(images.shape),
+                          "pairs": int(len(issame)), "same": int(issame.sum()), "cache_dir": os.path.abspath(args.out)}))
+        return 0
+    common = dict(name=args.name, num_workers=args.workers, shard_bytes=int(args.shard_mb * 1024 * 1024),
+                  num_shards=args.num_shards, shuffle_seed=None if args.no_shuffle else 0,
+                  channel_order=args.channel_order, skip_corrupt=args.skip_corrupt)
+    if args.kind == "rec":
+        manifest = convert.convert_rec(args.src, args.out, idx_path=args.idx, **common)
+    elif args.kind == "folder":
+        manifest = convert.convert_folder(args.src, args.out, **common)
+    else:
+        manifest = convert.convert_list(args.src, args.out, root=args.root, **common)
+    print(json.dumps({k: manifest[k] for k in ("num_images", "num_classes", "num_skipped_corrupt", "resumed_shards",
+                                               "seconds")} | {"out": os.path.abspath(args.out),
+                                                             "shards": len(manifest["shards"])}))
+    return 0
