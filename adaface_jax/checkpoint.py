@@ -1,0 +1,109 @@
+"""Checkpoints with orbax: the last K by step, plus the best by validation accuracy.
+
+Layout under ``workdir``::
+
+    checkpoints/<step>/state   every TrainState field but the optimizer definition (params incl. the
+                               head kernel, batch_stats, head_state, opt_state, step = data position, rng,
+                               skip counters)
+    checkpoints/<step>/meta    JSON: epoch, arch, head, num_classes, padded_classes, the config
+    best/<step>/...            the same items for the best validation mean accuracy (one kept)
+
+Saving is asynchronous (orbax writes in a background thread after the device->host copy); restoring
+takes target shardings, so a checkpoint written on 8 devices restores on 4 (or any mesh whose device
+count divides the padded class count).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from adaface_jax import parallel
+
+
+class Checkpointer:
+    """Two orbax managers (latest K / best 1) behind one small interface."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, best_metric: str = "mean_acc"):
+        self.workdir = os.path.abspath(workdir)
+        self.best_metric = best_metric
+        self.latest = ocp.CheckpointManager(
+            os.path.join(self.workdir, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+                                                 enable_async_checkpointing=async_save),
+            item_names=("state", "meta"))
+        self.best = ocp.CheckpointManager(
+            os.path.join(self.workdir, "best"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=async_save,
+                                                 cleanup_tmp_directories=True,
+                                                 best_fn=lambda m: float(m[best_metric]), best_mode="max"),
+            item_names=("state", "meta"))
+
+    @staticmethod
+    def _args(state, meta: dict):
+        return ocp.args.Composite(state=ocp.args.StandardSave(state.checkpoint_items()),
+                                  meta=ocp.args.JsonSave(meta))
+
+    def save(self, state, meta: dict, *, force: bool = False) -> bool:
+        step = int(jax.device_get(state.step))
+        if step in self.latest.all_steps():
+            return False
+        return self.latest.save(step, args=self._args(state, meta), force=force)
+
+    def save_best(self, state, meta: dict, metrics: dict) -> bool:
+        """Keep this state if ``metrics[best_metric]`` beats the best so far."""
+        step = int(jax.device_get(state.step))
+        if step in self.best.all_steps():
+            return False
+        return self.best.save(step, args=self._args(state, meta), metrics={k: float(v) for k, v in metrics.items()})
+
+    def latest_step(self) -> Optional[int]:
+        return self.latest.latest_step()
+
+    def restore(self, state, mesh=None, step: Optional[int] = None, *, best: bool = False):
+        """Restore into the structure of ``state`` (a TrainState, possibly abstract), placing every array
+        with ``parallel.state_shardings(mesh, ...)`` (default: the shardings ``state`` already has)."""
+        manager = self.best if best else self.latest
+        step = manager.best_step() if (best and step is None) else (step if step is not None else manager.latest_step())
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {manager.directory}")
+        items = state.checkpoint_items()
+        shardings = (parallel.state_shardings(mesh, items) if mesh is not None
+                     else jax.tree_util.tree_map(lambda x: x.sharding, items))
+        target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), items,
+                                        shardings)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 meta=ocp.args.JsonRestore()))
+        return state.replace_from_checkpoint(restored["state"]), restored["meta"]
+
+    def read_meta(self, step: Optional[int] = None, *, best: bool = False) -> dict:
+        manager = self.best if best else self.latest
+        step = step if step is not None else (manager.best_step() if best else manager.latest_step())
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def restore_items(path: str, target_items: Any = None) -> dict:
+    """Read the ``state`` item of one checkpoint step directory (``.../checkpoints/<step>``) without a
+    manager, e.g. for ``--init-from``; arrays come back as numpy on the host when no target is given."""
+    path = os.path.abspath(path)
+    state_dir = os.path.join(path, "state")
+    if not os.path.isdir(state_dir):
+        raise FileNotFoundError(f"{path} is not a checkpoint step directory (missing {state_dir})")
+    with ocp.StandardCheckpointer() as ckptr:
+        if target_items is None:
+            meta = ckptr.metadata(state_dir)
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+            target_items = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                               sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), tree)
+        return ckptr.restore(state_dir, target_items)

@@ -1,0 +1,422 @@
+"""The training loop: config -> mesh -> state (fresh, resumed or fine-tuned) -> jitted step -> logs,
+checkpoints and validation.
+
+``train(config, workdir)`` is the whole run; every stage is a small function so notebooks can reuse
+them.  The step is data-parallel over every device of every process, written as ``jit`` over a
+device mesh with sharded arrays (see ``adaface_jax.parallel``).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import signal
+import time
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaface_jax import heads, parallel
+from adaface_jax.checkpoint import Checkpointer
+from adaface_jax.models import ARCHS, build_model
+from adaface_jax.train import optimizer as optim
+from adaface_jax.train.state import TrainState, create_train_state, init_variables
+from adaface_jax.train.step import StepConfig, make_train_step
+
+log = logging.getLogger("adaface_jax.train")
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before anything is compiled; the message names the field."""
+
+
+class TooManySkippedSteps(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- config
+
+def read_data_manifest(config) -> Optional[dict]:
+    """The dataset manifest for ``data.source='tfrecord'`` (None for the random source)."""
+    if config.data.source == "random":
+        return None
+    data_dir = config.data.data_dir
+    if not data_dir or not os.path.isdir(data_dir):
+        raise ConfigError(f"config.data.data_dir={data_dir!r}: directory not found")
+    from data_pipeline.manifest import read_manifest  # noqa: PLC0415
+    try:
+        return read_manifest(data_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config.data.data_dir={data_dir!r}: no dataset manifest ({e})") from e
+
+
+def validate_config(config, num_devices: int, manifest: Optional[dict]) -> None:
+    """Fail before compiling, naming the field."""
+    if config.model.arch not in ARCHS and config.model.arch != "tiny":
+        raise ConfigError(f"config.model.arch={config.model.arch!r} is unknown; expected one of {sorted(ARCHS)}")
+    if config.head.name not in heads.HEADS:
+        raise ConfigError(f"config.head.name={config.head.name!r} is unknown; expected one of {sorted(heads.HEADS)}")
+    if config.data.source not in ("tfrecord", "random"):
+        raise ConfigError(f"config.data.source={config.data.source!r}: expected 'tfrecord' or 'random'")
+    if config.global_batch_size <= 0 or config.global_batch_size % num_devices:
+        raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by the device "
+                          f"count {num_devices}")
+    if config.global_batch_size % jax.process_count():
+        raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by the process "
+                          f"count {jax.process_count()}")
+    if config.accum_steps < 1 or (config.global_batch_size // num_devices) % config.accum_steps:
+        raise ConfigError(f"config.accum_steps={config.accum_steps} must divide the per-device batch "
+                          f"{config.global_batch_size // num_devices}")
+    if manifest is not None and int(manifest["num_classes"]) != config.num_classes:
+        raise ConfigError(f"config.num_classes={config.num_classes} but the dataset manifest in "
+                          f"{config.data.data_dir} has num_classes={manifest['num_classes']}")
+    if config.num_classes <= 1:
+        raise ConfigError(f"config.num_classes={config.num_classes} must be > 1")
+    if config.per_device_stats and config.head.name == "adaface" and config.global_batch_size // num_devices < 2:
+        raise ConfigError("config.per_device_stats needs at least 2 samples per device (unbiased std)")
+
+
+def steps_per_epoch(config, manifest: Optional[dict]) -> int:
+    """Full global batches per epoch (the input pipeline's count; random source: num_images // batch)."""
+    if manifest is None:
+        return max(1, int(config.data.num_images) // config.global_batch_size)
+    from data_pipeline.input import steps_per_epoch as pipeline_spe  # noqa: PLC0415
+    try:
+        return int(pipeline_spe(input_config(config), manifest))
+    except ValueError as e:
+        raise ConfigError(f"config.global_batch_size={config.global_batch_size}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def build_backbone(config, num_devices: int):
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    groups = num_devices if config.per_device_stats else 1
+    if config.model.arch == "tiny":  # a few-layer stand-in for smoke tests (same contract)
+        from adaface_jax.train.tiny import TinyBackbone  # noqa: PLC0415
+        return TinyBackbone(embedding_size=config.model.embedding_size, dtype=dtype, bn_groups=groups)
+    return build_model(config.model.arch, dtype=dtype, bn_groups=groups, embedding_size=config.model.embedding_size,
+                       dropout_rate=config.model.dropout_rate)
+
+
+def make_schedule(config, spe: int):
+    return optim.lr_schedule(config.lr, spe, tuple(config.lr_milestones), config.lr_gamma,
+                             warmup_steps=int(round(config.warmup_epochs * spe)))
+
+
+def head_kwargs(config) -> dict:
+    h = config.head
+    if h.name == "adaface":
+        return dict(m=h.m, h=h.h, s=h.s, t_alpha=h.t_alpha)
+    return dict(m=h.m, s=h.s)
+
+
+def init_state(config, model, mesh, schedule, padded_classes: int):
+    """A fresh TrainState created directly in its shardings."""
+    rng = jax.random.PRNGKey(config.seed)
+    size = config.data.image_size
+
+    def init(rng):
+        p, bs, hs = init_variables(model, rng, config.num_classes, padded_classes=padded_classes,
+                                   head=config.head.name, image_size=size, embedding_size=config.model.embedding_size)
+        tx = optim.make_optimizer(schedule, p, bs, momentum=config.momentum, weight_decay=config.weight_decay)
+        return create_train_state(p, bs, hs, tx, jax.random.fold_in(rng, 2))
+
+    return parallel.create_sharded(init, mesh, rng)
+
+
+def load_init_from(path: str) -> tuple[dict, dict, Optional[dict]]:
+    """--init-from: (backbone params, batch_stats, head dict or None) as numpy from
+    our checkpoint (a workdir, its checkpoints/<step> dir) or a converted/PyTorch checkpoint."""
+    from adaface_jax.checkpoint import restore_items  # noqa: PLC0415
+    path = os.path.abspath(path)
+    candidates = [path, os.path.join(path, "checkpoints")]
+    for c in candidates:  # a workdir or a checkpoints/ dir: take the latest step
+        if os.path.isdir(c) and not os.path.isdir(os.path.join(c, "state")):
+            steps = sorted(int(d) for d in os.listdir(c) if d.isdigit())
+            if steps and os.path.isdir(os.path.join(c, str(steps[-1]), "state")):
+                path = os.path.join(c, str(steps[-1]))
+                break
+    if os.path.isdir(os.path.join(path, "state")):
+        items = jax.device_get(restore_items(path))
+        hs = items.get("head_state") or {}
+        head = {"kernel": np.asarray(items["params"]["head"]["kernel"])}
+        head.update({k: np.asarray(v) for k, v in dict(hs).items()})
+        meta_path = os.path.join(path, "meta", "metadata")
+        if os.path.isfile(meta_path):  # drop the device padding
+            with open(meta_path) as f:
+                n = json.load(f).get("num_classes")
+            if n:
+                head["kernel"] = head["kernel"][:, :n]
+        return items["params"]["backbone"], items["batch_stats"], head
+    from adaface_jax.convert.convert import load_any  # noqa: PLC0415
+    _, variables, head, _ = load_any(path)
+    return variables["params"], variables["batch_stats"], head
+
+
+def apply_init_from(state: TrainState, path: str, config, shardings) -> TrainState:
+    """Copy backbone weights (and the head when its class count matches) into a fresh state."""
+    backbone, batch_stats, head = load_init_from(path)
+    params = dict(state.params)
+    want = jax.tree_util.tree_structure(state.params["backbone"])
+    got = jax.tree_util.tree_structure(jax.tree_util.tree_map(np.asarray, backbone))
+    if want != got:
+        raise ConfigError(f"--init-from {path}: backbone parameters do not match config.model.arch="
+                          f"{config.model.arch!r}")
+    params["backbone"] = backbone
+    head_state = state.head_state
+    if head is not None and np.shape(head.get("kernel"))[1:] == (config.num_classes,):
+        k = np.asarray(head["kernel"], np.float32)
+        pad = np.asarray(state.params["head"]["kernel"])[:, config.num_classes:]
+        params["head"] = {"kernel": np.concatenate([k, pad], axis=1)}
+        if isinstance(head_state, heads.AdaFaceState) and "batch_mean" in head:
+            head_state = heads.AdaFaceState(np.asarray(head["batch_mean"], np.float32).reshape(1),
+                                            np.asarray(head["batch_std"], np.float32).reshape(1))
+        log.info("init-from %s: backbone and head (%d classes)", path, config.num_classes)
+    else:
+        log.info("init-from %s: backbone only; head reinitialised (class count differs)", path)
+    new = state.replace(params=params, batch_stats=batch_stats, head_state=head_state)
+    new = new.replace(opt_state=state.tx.init(new.params))
+    items = jax.device_put(new.checkpoint_items(), shardings.checkpoint_items())
+    return state.replace_from_checkpoint(items)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def random_batches(config, start_step: int, local_batch: int) -> Iterator[dict]:
+    """Noise images with random labels, a pure function of (seed, step, process): for benchmarks and
+    plumbing tests, selected with ``data.source='random'``."""
+    size = config.data.image_size
+    step = start_step
+    while True:
+        rs = np.random.RandomState([config.seed, step, jax.process_index()])
+        yield {"image": rs.uniform(-1, 1, (local_batch, size, size, 3)).astype(np.float32),
+               "label": rs.randint(0, config.num_classes, (local_batch,)).astype(np.int32)}
+        step += 1
+
+
+def input_config(config):
+    from data_pipeline.input import TrainInputConfig  # noqa: PLC0415
+    d = config.data
+    return TrainInputConfig(data_dir=d.data_dir, global_batch_size=config.global_batch_size, seed=config.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            augment=d.augment, crop_prob=d.crop_prob, lowres_prob=d.lowres_prob,
+                            photometric_prob=d.photometric_prob, flip_prob=d.flip_prob, image_size=d.image_size)
+
+
+def make_input(config, start_step: int) -> Iterator[dict]:
+    """Host-local batches starting at global step ``start_step`` (an exact resume of the data order)."""
+    local_batch = config.global_batch_size // jax.process_count()
+    if config.data.source == "random":
+        return random_batches(config, start_step, local_batch)
+    from data_pipeline.input import hide_gpus_from_tf, make_train_iterator  # noqa: PLC0415
+    hide_gpus_from_tf()
+    return make_train_iterator(input_config(config), start_step=start_step)
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+def find_val_sets(config) -> dict[str, str]:
+    names = list(config.eval.sets)
+    roots = [r for r in (config.eval.bin_dir, config.data.data_dir) if r]
+    found = {}
+    for root in roots:
+        for p in sorted(glob.glob(os.path.join(root, "*.bin"))):
+            name = os.path.splitext(os.path.basename(p))[0]
+            if (not names or name in names) and name not in found:
+                found[name] = p
+    return found
+
+
+def validate(model_eval, state: TrainState, val_sets: dict[str, tuple], mesh, batch_size: int) -> dict:
+    """Flip-test verification accuracy on each loaded .bin set and their mean."""
+    from adaface_jax.features import extract_features  # noqa: PLC0415
+    from evaluation.verification import evaluate  # noqa: PLC0415
+    variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+    if jax.process_count() > 1:
+        # Backbone variables are replicated: every process embeds the (small) sets on its own devices.
+        variables = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), variables)
+        mesh = parallel.make_mesh(jax.local_devices())
+    out = {}
+    for name, (images, issame) in val_sets.items():
+        feats, _ = extract_features(model_eval, variables, images, batch_size=batch_size, flip_test=True, mesh=mesh,
+                                    progress=False)
+        _, _, acc, _ = evaluate(feats, issame, nrof_folds=10)
+        out[f"val/{name}_acc"] = float(np.mean(acc))
+    if out:
+        out["val/mean_acc"] = float(np.mean(list(out.values())))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- logs
+
+class MetricsLog:
+    """JSONL file + TensorBoard (clu) on process 0."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = None
+        if self.enabled:
+            try:
+                from clu import metric_writers  # noqa: PLC0415
+                self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
+                                                                   just_logging=False, asynchronous=True)
+            except ImportError as e:  # pragma: no cover - clu is a dependency
+                log.warning("TensorBoard disabled: %s", e)
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.writer is not None:
+            self.writer.write_scalars(step, scalars)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT -> finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None) -> tuple[dict, TrainState]:
+    """Run (or resume) training; returns (summary dict: step, metrics, stop_reason, ...; final TrainState).
+
+    Raises ConfigError before compiling on a bad configuration and TooManySkippedSteps after
+    ``config.max_skipped_in_row`` consecutive non-finite steps (checked at log steps).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    mesh = parallel.make_mesh(devices)
+    ndev = mesh.devices.size
+    manifest = read_data_manifest(config)
+    validate_config(config, ndev, manifest)
+    spe = steps_per_epoch(config, manifest)
+    total_steps = int(config.total_steps) if config.total_steps > 0 else int(config.epochs * spe)
+    schedule = make_schedule(config, spe)
+    model = build_backbone(config, ndev)
+
+    ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    resume_step = ckpt.latest_step()
+    padded = parallel.padded_num_classes(config.num_classes, ndev)
+    if resume_step is not None:
+        saved_padded = int(ckpt.read_meta(resume_step).get("padded_classes", padded))
+        if saved_padded % ndev:
+            raise ConfigError(f"checkpoint in {workdir} has {saved_padded} kernel columns, not divisible by "
+                              f"{ndev} devices")
+        padded = saved_padded
+    state, shardings = init_state(config, model, mesh, schedule, padded)
+    if resume_step is not None:
+        state, meta = ckpt.restore(state, mesh, resume_step)
+        log.info("resumed from %s at step %d", workdir, int(state.step))
+    elif init_from:
+        state = apply_init_from(state, init_from, config, shardings)
+
+    step_cfg = StepConfig(head=config.head.name, head_kwargs=head_kwargs(config), num_classes=config.num_classes,
+                          head_num_groups=ndev if config.per_device_stats else 1, accum_steps=config.accum_steps,
+                          lr_fn=schedule, embedding_sharding=parallel.embedding_sharding(mesh),
+                          logits_sharding=parallel.logits_sharding(mesh))
+    train_step = parallel.jit_sharded(make_train_step(model, step_cfg), mesh, shardings)
+
+    meta = {"arch": config.model.arch, "head": config.head.name, "num_classes": config.num_classes,
+            "padded_classes": padded, "steps_per_epoch": spe, "config": json.loads(config.to_json())}
+    metrics_log = MetricsLog(workdir)
+    val_sets = {}
+    if config.eval.every_epochs > 0:
+        from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
+        for name, p in find_val_sets(config).items():
+            imgs, issame = load_bin(p)
+            if config.eval.max_pairs:
+                imgs, issame = imgs[: 2 * config.eval.max_pairs], issame[: config.eval.max_pairs]
+            val_sets[name] = (imgs, np.asarray(issame, bool))
+        log.info("validation sets: %s", sorted(val_sets) or "none found")
+    model_eval = build_backbone(config, 1)  # eval: running statistics, no groups
+
+    start = int(jax.device_get(state.step))
+    if start == 0 and config.sample_grid and config.data.source == "tfrecord" and jax.process_index() == 0:
+        from data_pipeline.input import save_augmentation_grid  # noqa: PLC0415
+        save_augmentation_grid(config.data.data_dir, os.path.join(workdir, "training_samples.png"))
+    batches = make_input(config, start)
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0 or not config.progress)
+    summary = {"stop_reason": "done"}
+    last = {}
+    t0, imgs_since = time.time(), 0
+    step = start
+    with _StopRequest() as stop:
+        while step < total_steps:
+            batch = next(batches)
+            state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
+            step += 1
+            imgs_since += config.global_batch_size
+            epoch_end = step % spe == 0
+            if step % config.log_every == 0 or epoch_end or step == total_steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = max(time.time() - t0, 1e-9)
+                last["images_per_sec"] = imgs_since / dt
+                t0, imgs_since = time.time(), 0
+                metrics_log.write(step, {f"train/{k}": v for k, v in last.items()})
+                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last.get('lr', 0):.2g}",
+                                img_s=f"{last['images_per_sec']:.1f}")
+                if last["skipped_in_row"] >= config.max_skipped_in_row:
+                    ckpt.wait()
+                    summary["stop_reason"] = "non_finite"
+                    bar.close()
+                    metrics_log.close()
+                    ckpt.close()
+                    raise TooManySkippedSteps(
+                        f"{int(last['skipped_in_row'])} consecutive steps had a non-finite loss or gradient "
+                        f"(step {step}); stopping. The last good checkpoint is intact in {workdir}/checkpoints "
+                        f"(latest step {ckpt.latest_step()}).")
+            bar.update(1)
+            if config.debug_step_delay_s:
+                time.sleep(config.debug_step_delay_s)
+            epoch = (step - 1) // spe
+            if epoch_end and config.eval.every_epochs > 0 and val_sets and (epoch + 1) % config.eval.every_epochs == 0:
+                val = validate(model_eval, state, val_sets, mesh, config.eval.batch_size)
+                metrics_log.write(step, val)
+                last.update(val)
+                log.info("step %d epoch %d: %s", step, epoch, val)
+                ckpt.save_best(state, {**meta, "epoch": epoch}, {"mean_acc": val["val/mean_acc"]})
+            if step % config.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
+                ckpt.save(state, {**meta, "epoch": epoch})
+            if stop.signum is not None:
+                ckpt.save(state, {**meta, "epoch": epoch}, force=True)
+                summary["stop_reason"] = f"signal {stop.signum}"
+                log.warning("signal %d: saved step %d and stopping", stop.signum, step)
+                break
+    ckpt.wait()
+    ckpt.close()
+    bar.close()
+    metrics_log.close()
+    summary.update(step=step, metrics=last, total_steps=total_steps, steps_per_epoch=spe)
+    return summary, state

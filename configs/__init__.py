@@ -1,0 +1,1 @@
+"""Training recipes (ml_collections).  Each module defines ``get_config()``; see configs/common.py."""

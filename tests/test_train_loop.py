@@ -1,0 +1,136 @@
+"""The loop end to end (ir_18 on a tiny synthetic dataset, 8 CPU devices) and fine-tuning init."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from adaface_jax import parallel
+from adaface_jax.train.config_io import load_config
+from adaface_jax.train.loop import apply_init_from, build_backbone, init_state, make_schedule, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cpu_config(data_dir, **kw):
+    c = load_config(os.path.join(REPO, "configs", "cpu_synthetic.py"))
+    c.data.data_dir = data_dir
+    for k, v in kw.items():
+        node = c
+        *parents, leaf = k.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def synth16(tmp_path_factory):
+    from data_pipeline.synthetic import write_synthetic_dataset, write_verification_bin  # noqa: PLC0415
+    d = tmp_path_factory.mktemp("synth16")
+    write_synthetic_dataset(str(d), num_identities=4, images_per_identity=4, seed=0, show_progress=False)
+    write_verification_bin(str(d / "tiny_val.bin"), num_identities=4, num_pairs=10, seed=0)
+    return str(d)
+
+
+def test_ir18_two_steps_with_validation_checkpoints_and_logs(synth16, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = _cpu_config(synth16, num_classes=4, global_batch_size=8, epochs=1, progress=False,
+                         eval__batch_size=8, checkpoint__every_steps=1)
+    summary, state = train(config, workdir, devices=jax.devices()[:2])
+    assert summary["stop_reason"] == "done" and summary["step"] == 2 and summary["steps_per_epoch"] == 2
+
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_logs = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_logs] == [1, 2]
+    for r in train_logs:
+        assert np.isfinite(r["train/loss"]) and r["train/lr"] == pytest.approx(0.05)
+        assert r["train/skipped_total"] == 0 and r["train/images_per_sec"] > 0
+    # AdaFace norm EMA from its initial 20 with t_alpha=0.01, fed by each step's mean feature norm
+    n1, n2 = train_logs[0]["train/mean_norm"], train_logs[1]["train/mean_norm"]
+    assert train_logs[1]["train/batch_mean"] == pytest.approx(0.99 * (0.99 * 20 + 0.01 * n1) + 0.01 * n2, rel=1e-5)
+    val = [r for r in records if "val/tiny_val_acc" in r]
+    assert len(val) == 1 and 0.0 <= val[0]["val/tiny_val_acc"] <= 1.0
+    assert val[0]["val/mean_acc"] == val[0]["val/tiny_val_acc"]
+
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
+    assert os.listdir(os.path.join(workdir, "best")) == ["2"]
+    assert os.path.getsize(os.path.join(workdir, "training_samples.png")) > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    kernel = state.params["head"]["kernel"]
+    assert kernel.shape == (512, 4) and {s.data.shape for s in kernel.addressable_shards} == {(512, 2)}
+
+
+def test_init_from_pytorch_checkpoint_reinitialises_a_head_of_another_size(tmp_path):
+    """--init-from a released-style .ckpt (state_dict with model./head. keys) for a 7-class fine-tune:
+    the backbone is the checkpoint's, the 5-class head is dropped."""
+    import torch_reference  # noqa: PLC0415
+    tm = torch_reference.randomize_(torch_reference.build_backbone("ir_18"), seed=1)
+    sd = {f"model.{k}": v for k, v in tm.state_dict().items()}
+    sd.update({"head.kernel": torch.randn(512, 5), "head.t": torch.zeros(1), "head.batch_mean": torch.full((1,), 21.0),
+               "head.batch_std": torch.full((1,), 99.0)})
+    path = str(tmp_path / "released.ckpt")
+    torch.save({"state_dict": sd}, path)
+
+    config = _cpu_config("", num_classes=7, data__source="random", data__num_images=16)
+    mesh = parallel.make_mesh(jax.devices()[:2])  # two devices: a class-sharded kernel, cheap compile
+    model = build_backbone(config, 2)
+    state, shardings = init_state(config, model, mesh, make_schedule(config, 2), 8)
+    fresh_kernel = np.asarray(state.params["head"]["kernel"])
+    tuned = apply_init_from(state, path, config, shardings)
+    got = jax.device_get(tuned.params)
+    np.testing.assert_array_equal(got["backbone"]["input_layer_0"]["kernel"],
+                                  sd["model.input_layer.0.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(got["backbone"]["input_layer_2"]["alpha"], sd["model.input_layer.2.weight"].numpy())
+    np.testing.assert_array_equal(jax.device_get(tuned.batch_stats)["input_layer_1"]["var"],
+                                  sd["model.input_layer.1.running_var"].numpy())
+    np.testing.assert_array_equal(got["head"]["kernel"], fresh_kernel)  # class count differs: fresh head
+    assert float(tuned.head_state.batch_mean[0]) == 20.0
+    assert tuned.params["head"]["kernel"].sharding.spec == parallel.kernel_sharding(mesh).spec
+
+    # Same class count: the head comes along too (kernel and AdaFace statistics).
+    config5 = _cpu_config("", num_classes=5, data__source="random", data__num_images=16)
+    state5, sh5 = init_state(config5, model, mesh, make_schedule(config5, 2), 8)
+    tuned5 = apply_init_from(state5, path, config5, sh5)
+    np.testing.assert_array_equal(np.asarray(tuned5.params["head"]["kernel"])[:, :5], sd["head.kernel"].numpy())
+    assert float(tuned5.head_state.batch_mean[0]) == 21.0
+
+
+def test_run_stops_after_consecutive_non_finite_steps_keeping_the_last_good_checkpoint(tmp_path):
+    from adaface_jax.checkpoint import restore_items  # noqa: PLC0415
+    from adaface_jax.train.loop import TooManySkippedSteps  # noqa: PLC0415
+    # lr 1e30: step 1 is finite but throws the weights so far that every later loss is NaN.
+    config = _cpu_config("", num_classes=8, data__source="random", data__num_images=64, data__image_size=16,
+                         model__arch="tiny", model__embedding_size=16, global_batch_size=8, total_steps=10, lr=1e30,
+                         max_skipped_in_row=3, log_every=1, checkpoint__every_steps=1, progress=False,
+                         eval__every_epochs=0)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(TooManySkippedSteps, match=r"3 consecutive steps had a non-finite loss or gradient \(step 4\)"):
+        train(config, workdir, devices=jax.devices()[:1])
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["train/skipped"] for r in records] == [0, 1, 1, 1]
+    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 3]  # keep=2
+    items = jax.device_get(restore_items(os.path.join(workdir, "checkpoints", "3")))
+    assert int(items["skipped_total"]) == 2
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(items["params"]))
+
+
+def test_init_from_our_own_workdir_keeps_backbone_and_resizes_head(tmp_path):
+    common = dict(data__source="random", data__num_images=32, data__image_size=16, model__arch="tiny",
+                  model__embedding_size=16, global_batch_size=8, progress=False, eval__every_epochs=0)
+    src = str(tmp_path / "src")
+    _, trained = train(_cpu_config("", num_classes=6, total_steps=2, **common), src, devices=jax.devices()[:2])
+
+    config = _cpu_config("", num_classes=9, **common)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    model = build_backbone(config, 1)
+    state, shardings = init_state(config, model, mesh, make_schedule(config, 4), 9)
+    tuned = apply_init_from(state, src, config, shardings)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(tuned.params["backbone"])),
+                    jax.tree_util.tree_leaves(jax.device_get(trained.params["backbone"]))):
+        np.testing.assert_array_equal(a, b)
+    assert tuned.params["head"]["kernel"].shape == (16, 9)
+    np.testing.assert_array_equal(np.asarray(tuned.params["head"]["kernel"]), np.asarray(state.params["head"]["kernel"]))
+    assert int(tuned.step) == 0  # a fine-tune starts its own schedule and data order
