@@ -107,3 +107,47 @@ def restore_items(path: str, target_items: Any = None) -> dict:
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                                sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), tree)
         return ckptr.restore(state_dir, target_items)
+
+
+def find_step_dir(path: str, *, best: bool = False) -> Optional[str]:
+    """A training workdir, its ``checkpoints``/``best`` folder, or one step directory -> the step
+    directory to read (latest step, or the best one with ``best=True``); None when there is none."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    for folder in ([os.path.join(path, "best")] if best else []) + [os.path.join(path, "checkpoints"), path]:
+        if not os.path.isdir(folder):
+            continue
+        steps = sorted(int(d) for d in os.listdir(folder) if d.isdigit()
+                       and os.path.isdir(os.path.join(folder, d, "state")))
+        if steps:
+            return os.path.join(folder, str(steps[-1]))
+    return None
+
+
+def load_trained(path: str, *, best: bool = False) -> tuple[dict, dict, dict]:
+    """One of our training checkpoints -> ``(variables, head, meta)`` as host numpy arrays.
+
+    ``variables`` = {'params', 'batch_stats'} of the backbone; ``head`` = {'kernel' (E, num_classes)
+    without the device padding, and the margin-head statistics}; ``meta`` = the step's JSON (arch,
+    num_classes, config, ...)."""
+    import json
+
+    import numpy as np
+
+    step_dir = find_step_dir(path, best=best)
+    if step_dir is None:
+        raise FileNotFoundError(f"{path}: no training checkpoint (expected <workdir>/checkpoints/<step>/state)")
+    items = jax.device_get(restore_items(step_dir))
+    meta = {}
+    meta_path = os.path.join(step_dir, "meta", "metadata")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    kernel = np.asarray(items["params"]["head"]["kernel"])
+    if meta.get("num_classes"):
+        kernel = kernel[:, : int(meta["num_classes"])]  # drop the columns padded for the device count
+    head = {"kernel": kernel, **{k: np.asarray(v) for k, v in dict(items.get("head_state") or {}).items()}}
+    variables = {"params": items["params"]["backbone"], "batch_stats": items["batch_stats"]}
+    meta["step_dir"] = step_dir
+    return variables, head, meta

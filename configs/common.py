@@ -32,6 +32,7 @@ def get_base_config(arch: str = "ir_50", num_classes: int = 85742, data_dir: str
     c.model = ml_collections.ConfigDict()
     c.model.arch = arch
     c.model.embedding_size = 512
+    c.model.width = 64           # first-stage channels; 64 in every released model (narrower: CPU demos)
     c.model.dropout_rate = 0.4
 
     c.head = ml_collections.ConfigDict()

@@ -55,3 +55,38 @@ def plot_cmc(curves: dict, path: str, title: str = "CMC") -> str:
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def plot_norm_vs_quality(norms, quality, path: str, title: str = "Feature norm vs image quality",
+                         reference=None, label: str = "model") -> str:
+    """Scatter of feature norms against an image-quality label, with the binned mean -- the
+    AdaFace paper's observation that the norm is a proxy for image quality.
+
+    ``reference``: optional (norms, label) of a second model (e.g. untrained), drawn in its own
+    panel on the left (norm scales of different models are not comparable).
+    """
+    import numpy as np  # noqa: PLC0415
+    from scipy.stats import spearmanr  # noqa: PLC0415
+
+    plt = _pyplot()
+    quality = np.asarray(quality, float).reshape(-1)
+    series = [(np.asarray(norms, float).reshape(-1), label, "tab:blue")]
+    if reference is not None:
+        series.insert(0, (np.asarray(reference[0], float).reshape(-1), reference[1], "0.4"))
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4.2), squeeze=False)
+    bins = np.linspace(quality.min(), quality.max(), 9)
+    idx = np.clip(np.digitize(quality, bins) - 1, 0, len(bins) - 2)
+    used = [i for i in range(len(bins) - 1) if np.any(idx == i)]
+    for ax, (n, label, colour) in zip(axes[0], series):
+        ax.scatter(quality, n, s=6, alpha=0.35, color=colour)
+        ax.plot([(bins[i] + bins[i + 1]) / 2 for i in used], [n[idx == i].mean() for i in used], "-o", color=colour,
+                lw=2, label="binned mean")
+        ax.set_title(f"{label}: Spearman {spearmanr(quality, n).statistic:+.2f}", fontsize=10)
+        ax.set_xlabel("image quality (1 = clean, 0 = most degraded)")
+        ax.set_ylabel("feature norm ||x||")
+        ax.grid(True, linestyle=":", alpha=0.5)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
+    plt.close(fig)
+    return path

@@ -342,7 +342,13 @@ def _map_named(sd, arch, source):
 
 
 def load_any(path: str, arch: Optional[str] = None):
-    """A ``.ckpt`` file or a converted directory -> ``(arch, variables, head, meta)``."""
+    """A ``.ckpt`` file, a converted directory or one of our training workdirs (latest checkpoint)
+    -> ``(arch, variables, head, meta)``."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, META_NAME)):
+        from adaface_jax.checkpoint import find_step_dir, load_trained
+
+        if find_step_dir(path) is not None:
+            return _load_training_checkpoint(path, arch)
     if os.path.isdir(path):
         got = load_converted(path)
         if arch is not None and arch != got[0]:
@@ -352,3 +358,20 @@ def load_any(path: str, arch: Optional[str] = None):
     arch, input_size, variables, head, extras = _map_named(sd, arch, path)
     meta = make_meta(arch, input_size, variables, head, source=os.path.basename(path), **extras)
     return arch, variables, head, meta
+
+
+def _load_training_checkpoint(path: str, arch: Optional[str]):
+    """A training workdir/step directory in the same ``(arch, variables, head, meta)`` form."""
+    from adaface_jax.checkpoint import load_trained
+
+    variables, head, train_meta = load_trained(path)
+    got_arch = train_meta.get("arch")
+    if not got_arch:
+        raise ValueError(f"{path}: checkpoint metadata names no arch")
+    if arch is not None and arch != got_arch:
+        raise ValueError(f"{path} holds {got_arch}, not the requested {arch}")
+    model_cfg = train_meta.get("config", {}).get("model", {})
+    size = int(train_meta.get("config", {}).get("data", {}).get("image_size", 112))
+    meta = make_meta(got_arch, size, variables, head, source=train_meta.get("step_dir", path),
+                     width=int(model_cfg.get("width", 64)))
+    return got_arch, variables, head, meta

@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 
+from adaface_jax.train.config_io import accept_config_overrides, apply_overrides, load_config
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="a configs/*.py recipe; override fields with --config.a.b=value")
@@ -23,22 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-collectives", default=None, choices=["gloo", "mpi"],
                         help="cross-process collectives on CPU (tests and debugging)")
 
-    # --config.a.b=value cannot be declared in advance: take them out before argparse sees them.
-    parse_known = parser.parse_known_args
-
-    def parse_args(args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        try:
-            overrides, rest = split_override_args(args)
-        except ValueError as e:
-            parser.error(str(e))
-        ns, unknown = parse_known(rest, namespace)
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        ns.overrides = overrides
-        return ns
-
-    parser.parse_args = parse_args
+    accept_config_overrides(parser)
 
 
 def run(args) -> int:
@@ -68,5 +55,3 @@ def run(args) -> int:
                  summary["metrics"])
     return 0
 
-
-from adaface_jax.train.config_io import apply_overrides, load_config, split_override_args  # noqa: E402

@@ -78,3 +78,25 @@ def split_override_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
             rest.append(a)
         i += 1
     return overrides, rest
+
+
+def accept_config_overrides(parser) -> None:
+    """Make ``parser.parse_args`` take ``--config.a.b=value`` arguments (which cannot be declared in
+    advance) out of argv first; they end up in ``namespace.overrides`` as a dict."""
+    import sys
+
+    parse_known = parser.parse_known_args
+
+    def parse_args(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        try:
+            overrides, rest = split_override_args(args)
+        except ValueError as e:
+            parser.error(str(e))
+        ns, unknown = parse_known(rest, namespace)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        ns.overrides = overrides
+        return ns
+
+    parser.parse_args = parse_args

@@ -99,7 +99,7 @@ def build_backbone(config, num_devices: int):
         from adaface_jax.train.tiny import TinyBackbone  # noqa: PLC0415
         return TinyBackbone(embedding_size=config.model.embedding_size, dtype=dtype, bn_groups=groups)
     return build_model(config.model.arch, dtype=dtype, bn_groups=groups, embedding_size=config.model.embedding_size,
-                       dropout_rate=config.model.dropout_rate)
+                       dropout_rate=config.model.dropout_rate, width=config.model.get("width", 64))
 
 
 def make_schedule(config, spe: int):
@@ -131,27 +131,10 @@ def init_state(config, model, mesh, schedule, padded_classes: int):
 def load_init_from(path: str) -> tuple[dict, dict, Optional[dict]]:
     """--init-from: (backbone params, batch_stats, head dict or None) as numpy from
     our checkpoint (a workdir, its checkpoints/<step> dir) or a converted/PyTorch checkpoint."""
-    from adaface_jax.checkpoint import restore_items  # noqa: PLC0415
-    path = os.path.abspath(path)
-    candidates = [path, os.path.join(path, "checkpoints")]
-    for c in candidates:  # a workdir or a checkpoints/ dir: take the latest step
-        if os.path.isdir(c) and not os.path.isdir(os.path.join(c, "state")):
-            steps = sorted(int(d) for d in os.listdir(c) if d.isdigit())
-            if steps and os.path.isdir(os.path.join(c, str(steps[-1]), "state")):
-                path = os.path.join(c, str(steps[-1]))
-                break
-    if os.path.isdir(os.path.join(path, "state")):
-        items = jax.device_get(restore_items(path))
-        hs = items.get("head_state") or {}
-        head = {"kernel": np.asarray(items["params"]["head"]["kernel"])}
-        head.update({k: np.asarray(v) for k, v in dict(hs).items()})
-        meta_path = os.path.join(path, "meta", "metadata")
-        if os.path.isfile(meta_path):  # drop the device padding
-            with open(meta_path) as f:
-                n = json.load(f).get("num_classes")
-            if n:
-                head["kernel"] = head["kernel"][:, :n]
-        return items["params"]["backbone"], items["batch_stats"], head
+    from adaface_jax.checkpoint import find_step_dir, load_trained  # noqa: PLC0415
+    if os.path.isdir(path) and find_step_dir(path) is not None:
+        variables, head, _ = load_trained(path)
+        return variables["params"], variables["batch_stats"], head
     from adaface_jax.convert.convert import load_any  # noqa: PLC0415
     _, variables, head, _ = load_any(path)
     return variables["params"], variables["batch_stats"], head

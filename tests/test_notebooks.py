@@ -1,0 +1,31 @@
+"""The research notebooks run top to bottom (small settings: ADAFACE_NOTEBOOK_SMALL=1)."""
+import os
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_three_notebooks_with_outputs_stripped():
+    assert [p.name for p in NOTEBOOKS] == ["01_convert_align_embed.ipynb", "02_train_small.ipynb", "03_evaluate.ipynb"]
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: outputs not stripped"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAFACE_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("ADAFACE_NOTEBOOK_WORKDIR", str(tmp_path))
+    monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device inside the kernel
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()  # raises CellExecutionError naming the failing cell
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors
