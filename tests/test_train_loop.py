@@ -62,6 +62,31 @@ def test_ir18_two_steps_with_validation_checkpoints_and_logs(synth16, tmp_path):
     kernel = state.params["head"]["kernel"]
     assert kernel.shape == (512, 4) and {s.data.shape for s in kernel.addressable_shards} == {(512, 2)}
 
+    # The trained workdir is a checkpoint like any other: load_pretrained embeds with it, and
+    # `adaface-jax export` gives a state_dict the PyTorch reference loads with strict=True.
+    import torch_reference  # noqa: PLC0415
+
+    from adaface_jax.cli import main  # noqa: PLC0415
+    from adaface_jax.inference import load_pretrained  # noqa: PLC0415
+    x = np.random.RandomState(0).uniform(-1, 1, (2, 112, 112, 3)).astype(np.float32)
+    model = load_pretrained(workdir)
+    emb, norm = model.embed(x)
+    variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+    direct_emb, direct_norm = model.module.apply(jax.device_get(variables), x, train=False)
+    np.testing.assert_allclose(emb, direct_emb, atol=1e-5)
+    assert main(["export", workdir, str(tmp_path / "trained.ckpt")]) == 0
+    sd = torch.load(tmp_path / "trained.ckpt", weights_only=True)["state_dict"]
+    backbone = torch_reference.build_backbone("ir_18").eval()
+    backbone.load_state_dict({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}, strict=True)
+    head = torch_reference.AdaFace(classnum=4)
+    head.load_state_dict({k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}, strict=True)
+    np.testing.assert_allclose(head.kernel.detach().numpy(), np.asarray(kernel), atol=0)
+    assert float(head.batch_mean[0]) == pytest.approx(train_logs[1]["train/batch_mean"], rel=1e-6)
+    with torch.no_grad():
+        t_emb, t_norm = backbone(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_allclose(emb, t_emb.numpy(), atol=1e-4)
+    np.testing.assert_allclose(norm, t_norm.numpy(), rtol=1e-4)
+
 
 def test_init_from_pytorch_checkpoint_reinitialises_a_head_of_another_size(tmp_path):
     """--init-from a released-style .ckpt (state_dict with model./head. keys) for a 7-class fine-tune:

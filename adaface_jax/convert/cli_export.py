@@ -1,4 +1,5 @@
-"""``adaface-jax export OUT_DIR OUT.ckpt``: converted directory -> PyTorch ``{'state_dict': ...}``."""
+"""``adaface-jax export SRC OUT.ckpt``: a converted directory or a training workdir -> PyTorch
+``{'state_dict': ...}`` (loads into the original net.py with ``strict=True``)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,8 @@ import tempfile
 
 
 def add_arguments(parser):
-    parser.add_argument("src_dir", help="converted directory (from `adaface-jax convert` or training export)")
+    parser.add_argument("src_dir", help="a converted directory (`adaface-jax convert`) or a training workdir "
+                                        "(its latest checkpoint; padded classifier columns are dropped)")
     parser.add_argument("out", help="output .ckpt path, loadable by the original net.py with strict=True")
     parser.add_argument("--no-head", action="store_true", help="write the backbone only")
 
@@ -16,9 +18,11 @@ def export_to_file(src_dir: str, out: str, include_head: bool = True) -> int:
     """Write ``{'state_dict': ...}`` atomically; returns the number of keys."""
     import torch
 
-    from adaface_jax.convert.convert import export_state_dict, load_converted, to_torch_state_dict
+    from adaface_jax.convert.convert import export_state_dict, load_any, to_torch_state_dict
 
-    _, variables, head, meta = load_converted(src_dir)
+    if not os.path.isdir(src_dir):
+        raise ValueError(f"{src_dir}: expected a converted directory or a training workdir")
+    _, variables, head, meta = load_any(src_dir)
     sd = export_state_dict(variables["params"], variables["batch_stats"], head if include_head else None,
                            num_batches_tracked=int(meta.get("num_batches_tracked", 0)))
     out = os.path.abspath(out)
