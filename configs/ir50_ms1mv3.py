@@ -7,8 +7,8 @@ Command (data prepared with ``adaface-jax prepare`` into /data/ms1mv3)::
 
 Recipe: global batch 512, 26 epochs, LR 0.1 x0.1 at epochs 12/20/24, SGD 0.9, L2 5e-4,
 AdaFace m=0.4 h=0.333 s=64 t_alpha=0.01, augmentation probabilities 0.2, bfloat16 compute.
-Expected (flip test, from the paper/README, numbers quoted from memory -- check the upstream
-table before relying on them): see the AdaFace README model zoo (HQ mean slightly above the MS1MV2 model).
+Expected (flip test; HQ numbers there came from fp16 inference, expect +-0.05% in float32):
+No released R50 MS1MV3 model; the R50 MS1MV2 numbers (HQ mean 0.9688, IJB-C 96.27) are a lower guide.
 """
 from configs.common import get_base_config
 

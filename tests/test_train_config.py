@@ -15,7 +15,7 @@ RECIPES = {"ir50_ms1mv2": ("ir_50", 85742), "ir101_ms1mv2": ("ir_101", 85742), "
            "ir101_ms1mv3": ("ir_101", 93431), "ir50_webface4m": ("ir_50", 205990),
            "ir101_webface4m": ("ir_101", 205990), "ir50_webface12m": ("ir_50", 617970),
            "ir101_webface12m": ("ir_101", 617970), "ir18_casia": ("ir_18", 10572), "ir50_casia": ("ir_50", 10572),
-           "ir18_vgg2": ("ir_18", 9131)}
+           "ir18_vgg2": ("ir_18", 9131), "ir18_webface4m": ("ir_18", 205990)}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
