@@ -148,10 +148,18 @@ def initial_state(head: str):
     return AdaFaceState.create() if head == "adaface" else EmptyState()
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy in float32 (``torch.nn.CrossEntropyLoss``), written with a one-hot mask
-    so a class-sharded logits matrix is reduced without being gathered."""
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: Optional[int] = None) -> jax.Array:
+    """Mean cross-entropy in float32 (``torch.nn.CrossEntropyLoss``), written with masks rather than
+    a gather so a class-sharded logits matrix is reduced without being gathered.
+
+    ``num_classes``: only the first ``num_classes`` columns are real classes; the rest (padding of
+    the kernel to a multiple of the device count) are excluded from the softmax.  A finite large
+    negative value is used instead of -inf so that masked entries times zero stay zero.
+    """
     logits = logits.astype(jnp.float32)
+    col = jnp.arange(logits.shape[-1])
+    if num_classes is not None and num_classes < logits.shape[-1]:
+        logits = jnp.where(col[None, :] < num_classes, logits, -1e30)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.sum(logits * _target_mask(labels, logits.shape[-1]), axis=-1)
+    target = jnp.sum(jnp.where(col[None, :] == labels[:, None], logits, 0.0), axis=-1)
     return jnp.mean(lse - target)

@@ -7,7 +7,8 @@ import optax
 from adaface_jax import heads
 from adaface_jax.train import optimizer as optim
 from adaface_jax.train.state import create_train_state, init_variables
-from adaface_jax.train.step import StepConfig, make_loss_fn, make_train_step, masked_cross_entropy
+from adaface_jax.heads import softmax_cross_entropy
+from adaface_jax.train.step import StepConfig, make_loss_fn, make_train_step
 from train_fixtures import TinyNet, random_batch
 
 C, E = 12, 16
@@ -90,7 +91,7 @@ def test_masked_cross_entropy_equals_unpadded_softmax():
     logits = rs.standard_normal((5, 10)).astype(np.float32) * 10
     labels = rs.randint(0, 7, 5)
     want = np.mean(-jax.nn.log_softmax(logits[:, :7])[np.arange(5), labels])
-    np.testing.assert_allclose(float(masked_cross_entropy(logits, labels, 7)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(softmax_cross_entropy(logits, labels, 7)), want, rtol=1e-6)
 
 
 def test_padded_classes_do_not_change_the_step():

@@ -28,8 +28,6 @@ import optax
 
 from adaface_jax import heads
 
-NEG_INF = -1e30  # finite so that masked logits * 0 stays 0
-
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
@@ -58,17 +56,6 @@ class StepConfig:
         return id(self)
 
 
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-    """Mean softmax cross-entropy in float32 over the first ``num_classes`` columns (one-hot form, so a
-    class-sharded logits matrix reduces without being gathered)."""
-    logits = logits.astype(jnp.float32)
-    col = jnp.arange(logits.shape[-1])
-    logits = jnp.where(col[None, :] < num_classes, logits, NEG_INF)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.sum(jnp.where(col[None, :] == labels[:, None], logits, 0.0), axis=-1)
-    return jnp.mean(lse - target)
-
-
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
@@ -95,7 +82,7 @@ def make_loss_fn(model, cfg: StepConfig):
                               jax.sharding.NamedSharding(cfg.embedding_sharding.mesh, jax.sharding.PartitionSpec()))
         logits, new_head_state = head_fn(emb, norm, labels_r, params["head"]["kernel"], head_state, **head_kwargs)
         logits = _constrain(logits, cfg.logits_sharding)
-        loss = masked_cross_entropy(logits, labels_r, num_classes)
+        loss = heads.softmax_cross_entropy(logits, labels_r, num_classes)
         return loss, (mutated.get("batch_stats", batch_stats), new_head_state, jnp.mean(norm))
 
     return loss_fn
