@@ -48,16 +48,6 @@ class PretrainedModel:
 
     def __post_init__(self):
         self.variables = jax.tree_util.tree_map(jnp.asarray, self.variables)
-        self._embed_fns = {}
-
-    def _embed_fn(self, flip_test: bool):
-        # The forward + flip fusion of adaface_jax.features (the one implementation), compiled once
-        # per flip setting and kept, so repeated embed() calls do not recompile.
-        from adaface_jax.features import make_embed_fn
-
-        if flip_test not in self._embed_fns:
-            self._embed_fns[flip_test] = make_embed_fn(self.module, flip_test=flip_test)
-        return self._embed_fns[flip_test]
 
     @property
     def input_size(self) -> int:
@@ -65,7 +55,7 @@ class PretrainedModel:
 
     def embed(self, x, flip_test: bool = False):
         """Embed NHWC BGR images -- float32 normalised (``to_input``) or uint8 -- in fixed-size
-        batches (one compilation).  ``flip_test`` adds the width-flipped view, fused with
+        batches.  ``flip_test`` adds the width-flipped view, fused with
         ``pre_norm_vector_add`` (reference-behaviour §0)."""
         x = np.asarray(x)
         if x.dtype != np.uint8:
@@ -76,20 +66,14 @@ class PretrainedModel:
         if x.ndim != 4 or x.shape[1:] != (s, s, 3):
             raise ValueError(f"embed expects (N, {s}, {s}, 3) BGR images (normalised float or uint8), "
                              f"got {x.shape}")
-        n = x.shape[0]
-        bs = min(self.batch_size, max(n, 1))
-        embs, norms = [], []
-        for start in range(0, n, bs):
-            chunk = x[start:start + bs]
-            pad = bs - chunk.shape[0]
-            if pad:  # keep one static shape so the last partial batch does not recompile
-                chunk = np.concatenate([chunk, np.zeros((pad, s, s, 3), chunk.dtype)])
-            e, nm = self._embed_fn(bool(flip_test))(self.variables, chunk)
-            embs.append(np.asarray(e)[:bs - pad])
-            norms.append(np.asarray(nm)[:bs - pad])
-        if not embs:
+        if x.shape[0] == 0:
             return np.zeros((0, self.module.embedding_size), np.float32), np.zeros((0, 1), np.float32)
-        return np.concatenate(embs), np.concatenate(norms)
+        # The one extraction path (adaface_jax.features): jitted once per model and flip setting,
+        # sharded over local devices, last batch padded.
+        from adaface_jax.features import extract_features
+
+        return extract_features(self.module, self.variables, x, batch_size=min(self.batch_size, x.shape[0]),
+                                flip_test=flip_test, progress=False)
 
     __call__ = embed
 
