@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

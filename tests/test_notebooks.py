@@ -1,5 +1,4 @@
 """The research notebooks run top to bottom (small settings: ADAFACE_NOTEBOOK_SMALL=1)."""
-import os
 import pathlib
 
 import nbformat

@@ -345,7 +345,7 @@ def load_any(path: str, arch: Optional[str] = None):
     """A ``.ckpt`` file, a converted directory or one of our training workdirs (latest checkpoint)
     -> ``(arch, variables, head, meta)``."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, META_NAME)):
-        from adaface_jax.checkpoint import find_step_dir, load_trained
+        from adaface_jax.checkpoint import find_step_dir
 
         if find_step_dir(path) is not None:
             return _load_training_checkpoint(path, arch)

@@ -10,7 +10,7 @@ Output: ``(embedding, norm)``; embedding L2-normalised (no epsilon, like the ori
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax.numpy as jnp
 from flax import linen as nn
