@@ -177,37 +177,76 @@ def _luma_float(x):
     return tf.floor((weighted + 32768.0) * (1.0 / 65536.0))
 
 
-def _photometric_rows(x, factors, order):
-    """photometric() on a float batch [n, H, W, 3] with per-image factors [n, 3] and orders [n, 3].
+def _photometric_planes(rows, factors, order):
+    """photometric() on a uint8 batch [n, H, W, 3] with per-image factors [n, 3] and orders [n, 3].
 
     All three ops are PIL blends out = trunc(deg + f*(x - deg)) that differ only in the degenerate image
     (black, the mean grey, or L), so each step builds the chosen degenerate per image and blends once.
+    The work runs on channel planes [n, H*W]: TensorFlow's CPU kernels are several times slower when an
+    operand broadcasts over the channel axis. Every value is computed by the same float32 ops as in
+    photometric(), so the result is bit-identical.
     """
+    shape = tf.shape(rows)
+    n = shape[0]
+    pixels = tf.reshape(rows, [n, -1, 3])
+    planes = [tf.cast(pixels[:, :, c], tf.float32) for c in range(3)]  # 3 x [n, H*W]
     for k in range(3):
         op = order[:, k]
-        lum = _luma_float(x)[..., None]  # [n, H, W, 1]
-        mean = tf.reduce_mean(tf.cast(lum, tf.float64), axis=[1, 2, 3])
-        grey = tf.cast(tf.floor(mean + 0.5), tf.float32)[:, None, None, None]
-        is_contrast = tf.cast(op == 1, tf.float32)[:, None, None, None]
-        is_saturation = tf.cast(op == 2, tf.float32)[:, None, None, None]
-        degenerate = is_contrast * grey + is_saturation * lum
-        f = tf.gather(factors, op, batch_dims=1)[:, None, None, None]
-        x = _blend(degenerate, x, f)
-    return x
+        # PIL L in float32: every partial sum is an integer below 2**24, so any summation order is exact
+        weighted = _LUMA_WEIGHTS[0] * planes[0] + _LUMA_WEIGHTS[1] * planes[1] + _LUMA_WEIGHTS[2] * planes[2]
+        lum = tf.floor((weighted + 32768.0) * (1.0 / 65536.0))  # [n, H*W]
+        mean = tf.reduce_mean(tf.cast(lum, tf.float64), axis=1, keepdims=True)
+        grey = tf.cast(tf.floor(mean + 0.5), tf.float32)  # [n, 1]
+        is_contrast = tf.cast(op == 1, tf.float32)[:, None]
+        is_saturation = tf.cast(op == 2, tf.float32)[:, None]
+        degenerate = is_saturation * lum + is_contrast * grey  # exactly 0, grey or L per image
+        f = tf.gather(factors, op, batch_dims=1)[:, None]
+        planes = [tf.raw_ops.ClipByValue(t=degenerate + f * (p - degenerate), clip_value_min=0.0,
+                                         clip_value_max=255.0) for p in planes]
+        if k < 2:  # after the last step the uint8 cast truncates, which is the same floor
+            planes = [tf.floor(p) for p in planes]
+    # back to interleaved channels: a product with the identity is exact and much faster than a stack on axis -1
+    interleaved = tf.matmul(tf.reshape(tf.stack(planes), [3, -1]), tf.eye(3), transpose_a=True)
+    return tf.reshape(tf.cast(interleaved, tf.uint8), shape)
 
 
-def _update_rows(images, mask, fn):
-    """images with rows where `mask` replaced by fn(those rows, their indices)."""
-    idx = tf.where(mask)[:, 0]
-    rows = tf.gather(images, idx)
-    return tf.tensor_scatter_nd_update(images, idx[:, None], tf.reshape(fn(rows, idx), tf.shape(rows)))
+class _LayeredBatch:
+    """A batch edited by ops that each rewrite a subset of its images, without copying the whole batch per op.
+
+    Each op's output rows are kept as a layer (indices, rows); `rows(idx)` reads the newest version of those
+    images and `merged()` assembles the final batch with one dynamic_stitch (later layers win, as documented
+    for tf.dynamic_stitch).
+    """
+
+    def __init__(self, images):
+        self.batch = tf.shape(images)[0]
+        self.layers = [(tf.range(self.batch), images)]
+        self.newest = tf.zeros([self.batch], tf.int32)  # layer holding each image's newest version
+        self.position = tf.range(self.batch)  # its row within that layer
+
+    def rows(self, idx):
+        if len(self.layers) == 1:
+            return tf.gather(self.layers[0][1], idx)
+        layer = tf.gather(self.newest, idx)
+        position = tf.gather(self.position, idx)
+        slots = tf.dynamic_partition(tf.range(tf.size(idx)), layer, len(self.layers))
+        picks = tf.dynamic_partition(position, layer, len(self.layers))
+        return tf.dynamic_stitch(slots, [tf.gather(rows, p) for (_, rows), p in zip(self.layers, picks)])
+
+    def update(self, idx, new_rows):
+        self.newest = tf.tensor_scatter_nd_update(self.newest, idx[:, None], tf.fill(tf.shape(idx), len(self.layers)))
+        self.position = tf.tensor_scatter_nd_update(self.position, idx[:, None], tf.range(tf.size(idx)))
+        self.layers.append((idx, new_rows))
+
+    def merged(self):
+        return tf.dynamic_stitch([i for i, _ in self.layers], [r for _, r in self.layers])
 
 
 def apply_params_batch(images, params):
     """apply_params for a uint8 BGR batch [B, H, W, 3] with batched params (sample_params(batch_size=B)).
 
-    Each op runs only on the images selected for it (gather, process, scatter back), so its cost follows
-    its probability.
+    Each op runs only on the images selected for it (gathered from their newest version), and the batch is
+    assembled once at the end, so an op's cost follows its probability.
     """
     h, w = tf.shape(images)[1], tf.shape(images)[2]
 
@@ -216,23 +255,35 @@ def apply_params_batch(images, params):
         r, c = tf.range(h)[None, :], tf.range(w)[None, :]
         keep_r = (r >= box[:, 0:1]) & (r < box[:, 0:1] + box[:, 2:3])
         keep_c = (c >= box[:, 1:2]) & (c < box[:, 1:2] + box[:, 3:4])
-        return rows * tf.cast(keep_r[:, :, None, None] & keep_c[:, None, :, None], tf.uint8)
+        keep_c = tf.repeat(keep_c, 3, axis=1)  # [n, W*3]: no broadcast over the channel axis
+        keep = tf.cast(keep_r[:, :, None] & keep_c[:, None, :], tf.uint8)
+        return tf.reshape(tf.reshape(rows, [-1, h, w * 3]) * keep, tf.shape(rows))
 
     def lowres(rows, idx):
-        return tf.map_fn(lambda a: low_resolution(a[0], a[1], a[2], a[3]),
-                         (rows, tf.gather(params["lowres_side"], idx), tf.gather(params["interp_down"], idx),
-                          tf.gather(params["interp_up"], idx)),
-                         fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+        def per_image():
+            return tf.map_fn(lambda a: low_resolution(a[0], a[1], a[2], a[3]),
+                             (rows, tf.gather(params["lowres_side"], idx), tf.gather(params["interp_down"], idx),
+                              tf.gather(params["interp_up"], idx)),
+                             fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+        # eager map_fn over zero images loses the row shape, so an empty subset passes through
+        return tf.cond(tf.size(idx) > 0, per_image, lambda: rows)
 
     def jitter(rows, idx):
-        x = _photometric_rows(tf.cast(rows, tf.float32), tf.gather(params["jitter_factors"], idx),
-                              tf.gather(params["jitter_order"], idx))
-        return tf.cast(x, tf.uint8)
+        return _photometric_planes(rows, tf.gather(params["jitter_factors"], idx),
+                                   tf.gather(params["jitter_order"], idx))
 
-    images = _update_rows(images, params["crop"], crop)
-    images = _update_rows(images, params["lowres"], lowres)
-    images = _update_rows(images, params["photometric"], jitter)
-    return _update_rows(images, params["flip"], lambda rows, idx: tf.reverse(rows, axis=[2]))
+    def flip(rows, idx):
+        # a 3-D [rows, W, C] reverse of the middle axis has a fast kernel; the 4-D one does not
+        flat = tf.reshape(rows, [-1, w, 3])
+        return tf.reshape(tf.reverse(flat, axis=[1]), tf.shape(rows))
+
+    batch = _LayeredBatch(images)
+    for gate, fn in (("crop", crop), ("lowres", lowres), ("photometric", jitter), ("flip", flip)):
+        idx = tf.cast(tf.where(params[gate])[:, 0], tf.int32)
+        batch.update(idx, fn(batch.rows(idx), idx))
+    out = batch.merged()
+    out.set_shape(images.shape)
+    return out
 
 
 def augment_batch(images, seed, image_size: int = 112, **probs):

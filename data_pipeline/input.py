@@ -1,5 +1,5 @@
-"""tf.data training input: per-host shards -> interleave -> seeded per-epoch shuffle -> decode -> BGR ->
-augment -> normalise -> batch(drop_remainder) -> prefetch, yielding numpy batches.
+"""tf.data training input: per-host shards -> interleave -> seeded per-epoch shuffle -> batch(drop_remainder) ->
+parse + decode -> BGR -> augment -> normalise (all per batch) -> prefetch, yielding numpy batches.
 
 Determinism: the file order and the shuffle of epoch e use seeds derived from (seed, e); augmentation runs
 on whole batches with stateless draws from (seed, epoch, batch index in the epoch, process), a separate
@@ -103,8 +103,9 @@ def decode_bgr(encoded, channel_order: str, image_size: int):
 
 
 def normalize(image_uint8):
-    """uint8 -> float32 (x/255 - 0.5)/0.5."""
-    return (tf.cast(image_uint8, tf.float32) / 255.0 - 0.5) / 0.5
+    """uint8 -> float32 (x/255 - 0.5)/0.5, computed as x/127.5 - 1: the same float32 bits (scaling by 2 is exact
+    and commutes with rounding) with one pass fewer over the batch."""
+    return tf.cast(image_uint8, tf.float32) / 127.5 - 1.0
 
 
 def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0) -> tf.data.Dataset:
@@ -138,28 +139,26 @@ def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0) -> tf.data.Da
         ds = ds.take(per_epoch).enumerate()
         return ds.map(lambda pos, record: (epoch, pos, record))
 
-    def decode(epoch, pos, record):
-        example = tf.io.parse_single_example(record, spec)
-        # decoded in stored order; the swap to BGR happens once per batch in finish()
-        image = decode_bgr(example[IMAGE_KEY], "BGR", cfg.image_size)
-        return {"image": image, "label": tf.cast(example[LABEL_KEY], tf.int32), "epoch": epoch, "pos": pos}
-
-    def finish(batch):
-        images = batch["image"]
+    def finish(epoch, pos, record):
+        # Records are parsed and decoded per batch: a map_fn inside one tf.data call costs about half of what
+        # one tf.data element per image costs, for the same decoded pixels.
+        example = tf.io.parse_example(record, spec)
+        # decoded in stored order; the swap to BGR happens once per batch below
+        images = tf.map_fn(lambda encoded: decode_bgr(encoded, "BGR", cfg.image_size), example[IMAGE_KEY],
+                           fn_output_signature=tf.TensorSpec([cfg.image_size, cfg.image_size, 3], tf.uint8))
         if channel_order.upper() == "RGB":
             images = tf.reverse(images, axis=[-1])  # BGR before augmenting: the photometric luma depends on it
         if cfg.augment:  # batched ops; the draws depend only on (seed, epoch, batch index in epoch, process)
-            batch_index = batch["pos"][0] // b_local
-            batch_seed = tf.stack([tf.constant(seed, tf.int64) * 7919 + batch["epoch"][0],
+            batch_index = pos[0] // b_local
+            batch_seed = tf.stack([tf.constant(seed, tf.int64) * 7919 + epoch[0],
                                    batch_index * cfg.process_count + cfg.process_index])
             images = augment_lib.augment_batch(images, batch_seed, cfg.image_size, crop_prob=cfg.crop_prob,
                                                lowres_prob=cfg.lowres_prob, photometric_prob=cfg.photometric_prob,
                                                flip_prob=cfg.flip_prob)
-        return {"image": normalize(images), "label": batch["label"]}
+        return {"image": normalize(images), "label": tf.cast(example[LABEL_KEY], tf.int32)}
 
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_records)
     ds = ds.skip(step_in_epoch * b_local)  # the stream starts at epoch start_epoch, so this skips within it
-    ds = ds.map(decode, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     ds = ds.batch(b_local, drop_remainder=True)
     ds = ds.map(finish, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     ds = ds.prefetch(cfg.prefetch_batches)

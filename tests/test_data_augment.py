@@ -153,3 +153,39 @@ def test_batched_application_equals_per_image():
 def test_float_luma_is_exact():
     values = tf.constant(np.random.default_rng(3).integers(0, 256, (50, 50, 3)).astype(np.float32))
     np.testing.assert_array_equal(augment._luma_float(values).numpy(), augment.luma(values).numpy())
+
+
+def test_batched_photometric_matches_pil_for_every_order():
+    """The batched (channel-plane) photometric path follows the PIL chain image by image, for all 6 orders."""
+    images = np.stack([np.roll(FACE, 5 * k, axis=0) for k in range(6)])
+    images[3] = RNG.integers(0, 256, FACE.shape, dtype=np.uint8)  # noise: many values near the clip bounds
+    orders = np.array([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]], np.int32)
+    factors = np.array([[1.5, 0.5, 1.2], [0.7, 1.4, 0.55], [1.33, 1.1, 0.9], [0.5, 1.5, 1.5], [1.0, 0.8, 1.49],
+                        [1.21, 0.63, 0.5]], np.float32)
+    params = {"crop": np.zeros(6, bool), "crop_box": np.zeros((6, 4), np.int32), "lowres": np.zeros(6, bool),
+              "lowres_side": np.ones(6, np.int32), "interp_down": np.zeros(6, np.int32),
+              "interp_up": np.zeros(6, np.int32), "photometric": np.ones(6, bool), "jitter_factors": factors,
+              "jitter_order": orders, "flip": np.array([0, 1, 0, 1, 0, 1], bool)}
+    out = augment.apply_params_batch(tf.constant(images), {k: tf.constant(v) for k, v in params.items()}).numpy()
+    enh = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for k in range(6):
+        ref = images[k]
+        for op in orders[k]:
+            ref = _pil(ref, enh[op], float(factors[k, op]))
+        if params["flip"][k]:
+            ref = ref[:, ::-1]
+        assert np.abs(out[k].astype(int) - ref.astype(int)).max() <= 1, k
+        single = augment.apply_params(tf.constant(images[k]), {n: tf.constant(v[k]) for n, v in params.items()})
+        np.testing.assert_array_equal(out[k], single.numpy())
+
+
+def test_batched_augment_with_empty_subsets():
+    """No image selected for an op (probability 0, or a batch of one) leaves the batch as it was."""
+    images = np.stack([FACE, FACE[::-1]])
+    out = augment.augment_batch(tf.constant(images), tf.constant([1, 2], tf.int64), crop_prob=0.0, lowres_prob=0.0,
+                                photometric_prob=0.0, flip_prob=0.0)
+    assert out.shape == images.shape
+    np.testing.assert_array_equal(out.numpy(), images)
+    flipped = augment.augment_batch(tf.constant(images[:1]), tf.constant([1, 2], tf.int64), crop_prob=0.0,
+                                    lowres_prob=0.0, photometric_prob=0.0, flip_prob=1.0)
+    np.testing.assert_array_equal(flipped.numpy(), images[:1, :, ::-1])

@@ -110,3 +110,14 @@ def test_synthetic_dataset_trains_through_pipeline_and_grid(tmp_path):
     assert swapped.mean() > 10 * diff.mean()
     grid2 = save_augmentation_grid(make_train_iterator(cfg), str(tmp_path / "grid2.png"), num_images=4)
     assert cv2.imread(grid2).shape == (2 * 114 + 2, 4 * 114 + 2, 3)
+
+
+def test_normalize_is_exactly_the_reference_formula():
+    import tensorflow as tf
+
+    from data_pipeline.input import normalize
+    values = np.arange(256, dtype=np.uint8)
+    ref = (values.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+    ours = normalize(tf.constant(values)).numpy()
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours.view(np.int32), ref.view(np.int32))  # bit for bit, signs included
