@@ -159,3 +159,21 @@ def test_init_from_our_own_workdir_keeps_backbone_and_resizes_head(tmp_path):
     assert tuned.params["head"]["kernel"].shape == (16, 9)
     np.testing.assert_array_equal(np.asarray(tuned.params["head"]["kernel"]), np.asarray(state.params["head"]["kernel"]))
     assert int(tuned.step) == 0  # a fine-tune starts its own schedule and data order
+
+
+def test_released_recipe_runs_from_the_cli_on_a_tiny_dataset(synth16, tmp_path):
+    """A recipe file as released (bfloat16 compute, SGD/LR/AdaFace settings untouched), shrunk only in
+    data-dependent sizes and width so it runs on CPU in seconds."""
+    from adaface_jax.cli import main  # noqa: PLC0415
+    workdir = tmp_path / "recipe"
+    rc = main(["train", "--config", os.path.join(REPO, "configs", "ir18_casia.py"), "--workdir", str(workdir),
+               f"--config.data.data_dir={synth16}", "--config.num_classes=4", "--config.global_batch_size=8",
+               "--config.epochs=1", "--config.model.width=16", "--config.progress=false"])
+    assert rc == 0
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train_logs = [r for r in records if "train/loss" in r]
+    assert train_logs and all(np.isfinite(r["train/loss"]) for r in train_logs)
+    assert train_logs[-1]["step"] == 2 and train_logs[-1]["train/lr"] == pytest.approx(0.1)
+    assert os.listdir(workdir / "checkpoints") == ["2"]
+    meta = json.load(open(workdir / "checkpoints" / "2" / "meta" / "metadata"))
+    assert meta["config"]["half_precision"] is True and meta["config"]["head"]["h"] == 0.333
