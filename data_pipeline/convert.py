@@ -141,12 +141,15 @@ def _tick(n: int) -> None:
             _COUNTER.value += n
 
 
+# Producers yield one entry per planned item: (encoded bytes, label, source index, quality or None), or None
+# for an item skipped as corrupt; _examples does the bookkeeping shared by all of them.
+
 def _records_rec(task: dict, stats: dict):
     path = task["params"]["rec_path"]
     reader = _READERS.get(path)
     if reader is None:
         reader = _READERS[path] = recordio.RecordIOReader(path, offsets={})
-    for n, (key, offset) in enumerate(task["items"], 1):
+    for key, offset in task["items"]:
         try:
             header, payload = recordio.unpack(reader.read_record(offset, key))
             if sniff_image_format(payload) is None:
@@ -158,19 +161,15 @@ def _records_rec(task: dict, stats: dict):
             if not task["params"].get("skip_corrupt"):
                 raise err from None
             stats["skipped"].append({"index": key, "offset": offset, "reason": err.reason})
+            yield None
             continue
-        label = recordio.header_label(header)
-        stats["labels"][label] = stats["labels"].get(label, 0) + 1
-        yield make_example(payload, label, key)
-        if n % 256 == 0:
-            _tick(256)
-    _tick(len(task["items"]) % 256)
+        yield payload, recordio.header_label(header), key, None
 
 
 def _records_files(task: dict, stats: dict):
     import cv2  # noqa: PLC0415
 
-    for n, (path, label, index) in enumerate(task["items"], 1):
+    for path, label, index in task["items"]:
         with open(path, "rb") as f:
             data = f.read()
         if sniff_image_format(data) is None:  # e.g. PGM: re-encode losslessly so TF can decode it
@@ -178,38 +177,43 @@ def _records_files(task: dict, stats: dict):
             if image is None:
                 if task["params"].get("skip_corrupt"):
                     stats["skipped"].append({"index": index, "path": path, "reason": "not a decodable image"})
+                    yield None
                     continue
                 raise ValueError(f"{path}: not a decodable image ({len(data)} bytes)")
             data = cv2.imencode(".png", image)[1].tobytes()
             stats["re_encoded"] += 1
-        stats["labels"][label] = stats["labels"].get(label, 0) + 1
-        yield make_example(data, label, index)
-        if n % 256 == 0:
-            _tick(256)
-    _tick(len(task["items"]) % 256)
+        yield data, label, index, None
 
 
 def _records_synthetic(task: dict, stats: dict):
     from . import synthetic  # noqa: PLC0415
 
     params = task["params"]
-    for n, (identity, image_index, index) in enumerate(task["items"], 1):
+    for identity, image_index, index in task["items"]:
         data, quality = synthetic.render_encoded(params["seed"], identity, image_index, params)
-        label = identity - params.get("identity_offset", 0)
-        stats["labels"][label] = stats["labels"].get(label, 0) + 1
         stats["quality"].append(quality)
-        yield make_example(data, label, index, quality=quality)
-        if n % 256 == 0:
-            _tick(256)
-    _tick(len(task["items"]) % 256)
+        yield data, identity - params.get("identity_offset", 0), index, quality
 
 
 PRODUCERS: dict[str, Callable] = {"rec": _records_rec, "files": _records_files, "synthetic": _records_synthetic}
 
 
+def _examples(task: dict, stats: dict):
+    """Serialized examples of one shard, counting labels and ticking the progress bar every 256 items."""
+    n = 0
+    for n, record in enumerate(PRODUCERS[task["kind"]](task, stats), 1):
+        if record is not None:
+            data, label, index, quality = record
+            stats["labels"][label] = stats["labels"].get(label, 0) + 1
+            yield make_example(data, label, index, quality=quality)
+        if n % 256 == 0:
+            _tick(256)
+    _tick(n % 256)
+
+
 def _write_task(task: dict) -> dict:
     stats = {"labels": {}, "skipped": [], "re_encoded": 0, "quality": []}
-    count, size, digest = write_tfrecord_atomic(task["path"], PRODUCERS[task["kind"]](task, stats))
+    count, size, digest = write_tfrecord_atomic(task["path"], _examples(task, stats))
     result = {"file": os.path.basename(task["path"]), "num_images": count, "num_bytes": size, "sha256": digest,
               "labels": {str(k): v for k, v in stats["labels"].items()}, "skipped": stats["skipped"],
               "re_encoded": stats["re_encoded"]}
