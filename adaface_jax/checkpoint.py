@@ -138,12 +138,24 @@ def load_trained(path: str, *, best: bool = False) -> tuple[dict, dict, dict]:
     step_dir = find_step_dir(path, best=best)
     if step_dir is None:
         raise FileNotFoundError(f"{path}: no training checkpoint (expected <workdir>/checkpoints/<step>/state)")
-    items = jax.device_get(restore_items(step_dir))
+    try:
+        items = jax.device_get(restore_items(step_dir))
+    except Exception as e:  # noqa: BLE001  (orbax raises many kinds for a damaged step directory)
+        from adaface_jax.errors import InputError
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{step_dir}: the training checkpoint cannot be read (incomplete or corrupt?): "
+                         f"{type(e).__name__}: {first}") from e
     meta = {}
     meta_path = os.path.join(step_dir, "meta", "metadata")
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except ValueError as e:
+            from adaface_jax.errors import InputError
+
+            raise InputError(f"{meta_path}: not valid JSON ({e})") from e
     kernel = np.asarray(items["params"]["head"]["kernel"])
     if meta.get("num_classes"):
         kernel = kernel[:, : int(meta["num_classes"])]  # drop the columns padded for the device count

@@ -17,21 +17,9 @@ import time
 
 import numpy as np
 
+from adaface_jax.io import atomic_write
+
 log = logging.getLogger("adaface_jax.quickstart")
-
-
-def add_arguments(parser):
-    parser.add_argument("--workdir", default="runs/quickstart", help="everything is written here")
-    parser.add_argument("--config", default=None,
-                        help="a configs/ file (default: configs/quickstart_cpu.py); --config.x=y overrides follow")
-    parser.add_argument("--identities", type=int, default=100, help="training identities")
-    parser.add_argument("--images-per-identity", type=int, default=24)
-    parser.add_argument("--val-identities", type=int, default=60, help="held-out identities for verification")
-    parser.add_argument("--val-pairs", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
-    from adaface_jax.train.config_io import accept_config_overrides
-
-    accept_config_overrides(parser)
 
 
 def _pair_quality(quality: np.ndarray) -> np.ndarray:
@@ -59,7 +47,10 @@ def score_pairs(features, norms, issame, quality) -> dict:
             "roc": (fpr, tpr), "norms": norms}
 
 
-def run(args) -> int:
+def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: dict | None = None,
+                   identities: int = 100, images_per_identity: int = 24, val_identities: int = 60,
+                   val_pairs: int = 400, seed: int = 0) -> dict:
+    """The whole quickstart (see the module docstring); returns the results written to results.json."""
     import jax
 
     from adaface_jax.features import extract_features
@@ -71,24 +62,24 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t_start = time.time()
-    workdir = os.path.abspath(args.workdir)
+    workdir = os.path.abspath(workdir)
     data_dir = os.path.join(workdir, "data")
     run_dir = os.path.join(workdir, "run")
-    config_path = args.config or os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+    config_path = config_path or os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
                                               "quickstart_cpu.py")
     from adaface_jax.train.config_io import apply_overrides, load_config
 
-    overrides = {**getattr(args, "overrides", {}), "num_classes": str(args.identities), "data.data_dir": data_dir}
+    overrides = {**(overrides or {}), "num_classes": str(identities), "data.data_dir": data_dir}
     config = apply_overrides(load_config(config_path), overrides)
 
     # 1. data (skipped when already there, so a rerun resumes training instead of starting over)
     val_bin = os.path.join(data_dir, "synthetic_val.bin")
     if not os.path.exists(os.path.join(data_dir, "manifest.json")):
-        print(f"[1/4] rendering {args.identities} x {args.images_per_identity} synthetic training faces")
-        synthetic.write_synthetic_dataset(data_dir, args.identities, args.images_per_identity, seed=args.seed)
+        print(f"[1/4] rendering {identities} x {images_per_identity} synthetic training faces")
+        synthetic.write_synthetic_dataset(data_dir, identities, images_per_identity, seed=seed)
     if not os.path.exists(val_bin):
-        print(f"[1/4] rendering {args.val_pairs} verification pairs of {args.val_identities} held-out identities")
-        synthetic.write_verification_bin(val_bin, args.val_identities, args.val_pairs, seed=args.seed)
+        print(f"[1/4] rendering {val_pairs} verification pairs of {val_identities} held-out identities")
+        synthetic.write_verification_bin(val_bin, val_identities, val_pairs, seed=seed)
     images, issame = load_bin(val_bin)
     quality = np.load(os.path.splitext(val_bin)[0] + ".quality.npy")
 
@@ -130,12 +121,10 @@ def run(args) -> int:
                         "metrics": os.path.join(run_dir, "metrics.jsonl"), "roc": roc_png,
                         "norm_vs_quality": norm_png, "training_samples": os.path.join(run_dir, "training_samples.png")}
     results["seconds"] = round(time.time() - t_start, 1)
-    tmp = os.path.join(workdir, "results.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "results.json"))
     print(format_table(results, len(issame)))
-    return 0
+    return results
 
 
 def format_table(results: dict, num_pairs: int) -> str:

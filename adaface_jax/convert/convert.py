@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from adaface_jax.convert import mapping
+from adaface_jax.errors import InputError
 from adaface_jax.convert.safe_load import read_torch_checkpoint
 
 META_NAME = "adaface_meta.json"
@@ -26,7 +27,7 @@ CKPT_NAME = "checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """The state_dict does not match the architecture; the message lists every offending key."""
 
     def __init__(self, arch, missing=(), unexpected=(), shape_mismatch=(), hint=""):
@@ -59,7 +60,7 @@ def extract_state_dict(obj, source: str = "checkpoint") -> dict:
         sd = obj
     else:
         keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(f"{source}: no 'state_dict' found (top level: {keys})")
+        raise InputError(f"{source}: no 'state_dict' found (top level: {keys})")
     return dict(sd)
 
 
@@ -126,13 +127,13 @@ def state_dict_to_variables(sd: Mapping, arch: Optional[str] = None, input_size:
         inferred = mapping.infer_arch(shapes)
     except ValueError as e:
         if arch is None:
-            raise ValueError(f"{e}; pass arch= explicitly") from None
+            raise InputError(f"{e}; pass arch= explicitly") from None
     arch = arch or inferred[0]
     input_size = input_size or (inferred[1] if inferred else 112)
     from adaface_jax.models import ARCHS
 
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
+        raise InputError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
     target = flax_shapes(arch, input_size)
     geometry = mapping.dense_geometry(target["params"])
 
@@ -304,15 +305,26 @@ def load_converted(path: str):
     path = os.path.abspath(path)
     meta_path = os.path.join(path, META_NAME)
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{path}: not a converted AdaFace checkpoint ({META_NAME} missing)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+        raise InputError(f"{path}: not a converted AdaFace checkpoint ({META_NAME} missing)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise InputError(f"{meta_path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("arch") is None:
+        raise InputError(f"{meta_path}: expected a JSON object with an 'arch' field")
     ckpt_dir = os.path.join(path, CKPT_NAME)
     if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{path}: {CKPT_NAME}/ missing next to {META_NAME}")
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(ckpt_dir)
+        raise InputError(f"{path}: {CKPT_NAME}/ missing next to {META_NAME}")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(ckpt_dir)
+    except Exception as e:  # noqa: BLE001  (orbax raises many kinds for a damaged directory)
+        raise InputError(f"{ckpt_dir}: the converted checkpoint cannot be read (incomplete or corrupt?): "
+                         f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
     tree = _as_numpy_tree(tree)
+    if not isinstance(tree, dict) or "params" not in tree or "batch_stats" not in tree:
+        raise InputError(f"{ckpt_dir}: expected 'params' and 'batch_stats' in the converted checkpoint")
     variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
     return meta["arch"], variables, tree.get("head"), meta
 
@@ -349,10 +361,12 @@ def load_any(path: str, arch: Optional[str] = None):
 
         if find_step_dir(path) is not None:
             return _load_training_checkpoint(path, arch)
+        raise InputError(f"{path}: {META_NAME} missing and no checkpoints/<step>/state; expected a converted "
+                         "directory, a training workdir or a PyTorch .ckpt file")
     if os.path.isdir(path):
         got = load_converted(path)
         if arch is not None and arch != got[0]:
-            raise ValueError(f"{path} holds {got[0]}, not the requested {arch}")
+            raise InputError(f"{path} holds {got[0]}, not the requested {arch}")
         return got
     sd = extract_state_dict(read_torch_checkpoint(path), path)
     arch, input_size, variables, head, extras = _map_named(sd, arch, path)
@@ -367,9 +381,9 @@ def _load_training_checkpoint(path: str, arch: Optional[str]):
     variables, head, train_meta = load_trained(path)
     got_arch = train_meta.get("arch")
     if not got_arch:
-        raise ValueError(f"{path}: checkpoint metadata names no arch")
+        raise InputError(f"{path}: checkpoint metadata names no arch")
     if arch is not None and arch != got_arch:
-        raise ValueError(f"{path} holds {got_arch}, not the requested {arch}")
+        raise InputError(f"{path} holds {got_arch}, not the requested {arch}")
     model_cfg = train_meta.get("config", {}).get("model", {})
     size = int(train_meta.get("config", {}).get("data", {}).get("image_size", 112))
     meta = make_meta(got_arch, size, variables, head, source=train_meta.get("step_dir", path),

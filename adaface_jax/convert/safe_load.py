@@ -15,15 +15,21 @@ import collections
 import os
 import pickle
 import types
-import zipfile
+import warnings
+
+from adaface_jax.errors import InputError
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+class UnsafeCheckpointError(pickle.UnpicklingError, InputError):
     """The checkpoint asks to call code outside the allowlist; loading is refused."""
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(InputError):
     """The file is missing, truncated or not a PyTorch checkpoint."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+_PICKLE_PROTO = 0x80           # the legacy format starts with a pickled magic number
 
 
 def _allowed_globals() -> dict:
@@ -96,24 +102,45 @@ restricted_pickle = types.SimpleNamespace(
 
 
 def read_torch_checkpoint(path: str | os.PathLike):
-    """The unpickled content of a ``.ckpt``/``.pt`` file, loaded on CPU without running pickled code."""
+    """The unpickled content of a ``.ckpt``/``.pt`` file, loaded on CPU without running pickled code.
+
+    Any failure to parse the file (truncated, not a checkpoint at all) is a ``CheckpointReadError``
+    naming the file; a pickle that asks to run code is an ``UnsafeCheckpointError``."""
     import torch
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointReadError(f"{path}: is a directory, expected a PyTorch checkpoint file (or pass a converted "
+                                  "directory or a training workdir where one is accepted)")
     if not os.path.isfile(path):
         raise CheckpointReadError(f"{path}: no such checkpoint file")
-    if os.path.getsize(path) == 0:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
         raise CheckpointReadError(f"{path}: empty file, expected a PyTorch checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as weights_only_error:
-        first_error = weights_only_error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
-    except UnsafeCheckpointError as e:
-        raise UnsafeCheckpointError(f"{path}: {e}") from first_error
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
-            TypeError, AttributeError) as e:
-        raise CheckpointReadError(f"{path}: could not be read with the restricted unpickler: {e}") from e
+    if head != _ZIP_MAGIC and head[0] != _PICKLE_PROTO:
+        raise CheckpointReadError(f"{path}: not a PyTorch checkpoint (expected a torch.save zip archive or pickle; "
+                                  f"the file starts with {head!r})")
+    with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the result says enough
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as weights_only_error:
+            first_error = weights_only_error  # e.g. a Lightning checkpoint's AttributeDict: try the allowlist
+        except Exception as e:  # noqa: BLE001  (untrusted bytes: any parse failure means a bad file)
+            raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                      f"{type(e).__name__}: {_first_line(e)}") from e
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"{path}: {e}") from first_error
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointReadError(f"{path}: could not be read with the restricted unpickler (truncated or "
+                                      f"corrupt?): {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of the first line (torch's parse errors run on for several sentences)."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return first.split(". ")[0].rstrip(".")

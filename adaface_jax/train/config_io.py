@@ -7,20 +7,28 @@ import sys
 
 import ml_collections
 
+from adaface_jax.errors import InputError
+
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """Import ``path`` and call its ``get_config()``."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path}: file not found")
+        raise InputError(f"--config {path}: file not found (expected a configs/*.py recipe)")
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     if repo_root not in sys.path:  # recipes import configs.common
         sys.path.insert(0, repo_root)
     spec = importlib.util.spec_from_file_location(f"_adaface_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a recipe is user input: report its error in one line
+        raise InputError(f"--config {path}: could not be loaded ({type(e).__name__}: {e})") from e
     if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {path}: defines no get_config()")
-    return module.get_config()
+        raise InputError(f"--config {path}: defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise InputError(f"--config {path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
+    return config
 
 
 def _parse_like(old, text: str, field: str):
@@ -29,7 +37,7 @@ def _parse_like(old, text: str, field: str):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--config.{field}={text!r}: expected a boolean")
+        raise InputError(f"--config.{field}={text!r}: expected a boolean")
     try:
         if isinstance(old, int):
             return int(text)
@@ -40,7 +48,7 @@ def _parse_like(old, text: str, field: str):
             kind = type(old[0]) if old else str
             return tuple(_parse_like(kind(), t.strip(), field) if kind is not str else t.strip() for t in items)
     except ValueError as e:
-        raise ValueError(f"--config.{field}={text!r}: expected {type(old).__name__} ({e})") from None
+        raise InputError(f"--config.{field}={text!r}: expected {type(old).__name__} ({e})") from None
     return text
 
 
@@ -51,10 +59,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
         parts = dotted.split(".")
         for p in parts[:-1]:
             if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-                raise KeyError(f"--config.{dotted}: config has no section {p!r}")
+                raise InputError(f"--config.{dotted}: config has no section {p!r}")
             node = node[p]
         if parts[-1] not in node:
-            raise KeyError(f"--config.{dotted}: unknown config field (known here: {sorted(node.keys())})")
+            raise InputError(f"--config.{dotted}: unknown config field (known here: {sorted(node.keys())})")
         node[parts[-1]] = _parse_like(node[parts[-1]], text, dotted)
     return config
 
@@ -78,25 +86,3 @@ def split_override_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
             rest.append(a)
         i += 1
     return overrides, rest
-
-
-def accept_config_overrides(parser) -> None:
-    """Make ``parser.parse_args`` take ``--config.a.b=value`` arguments (which cannot be declared in
-    advance) out of argv first; they end up in ``namespace.overrides`` as a dict."""
-    import sys
-
-    parse_known = parser.parse_known_args
-
-    def parse_args(args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        try:
-            overrides, rest = split_override_args(args)
-        except ValueError as e:
-            parser.error(str(e))
-        ns, unknown = parse_known(rest, namespace)
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        ns.overrides = overrides
-        return ns
-
-    parser.parse_args = parse_args

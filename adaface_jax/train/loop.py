@@ -21,6 +21,7 @@ import numpy as np
 
 from adaface_jax import heads, parallel
 from adaface_jax.checkpoint import Checkpointer
+from adaface_jax.errors import InputError
 from adaface_jax.models import ARCHS, build_model
 from adaface_jax.train import optimizer as optim
 from adaface_jax.train.state import TrainState, create_train_state, init_variables
@@ -29,7 +30,7 @@ from adaface_jax.train.step import StepConfig, make_train_step
 log = logging.getLogger("adaface_jax.train")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem found before anything is compiled; the message names the field."""
 
 
@@ -140,9 +141,10 @@ def load_init_from(path: str) -> tuple[dict, dict, Optional[dict]]:
     return variables["params"], variables["batch_stats"], head
 
 
-def apply_init_from(state: TrainState, path: str, config, shardings) -> TrainState:
-    """Copy backbone weights (and the head when its class count matches) into a fresh state."""
-    backbone, batch_stats, head = load_init_from(path)
+def apply_init_from(state: TrainState, path: str, config, shardings, weights=None) -> TrainState:
+    """Copy backbone weights (and the head when its class count matches) into a fresh state.
+    ``weights``: what ``load_init_from(path)`` returned, when already read."""
+    backbone, batch_stats, head = weights if weights is not None else load_init_from(path)
     params = dict(state.params)
     want = jax.tree_util.tree_structure(state.params["backbone"])
     got = jax.tree_util.tree_structure(jax.tree_util.tree_map(np.asarray, backbone))
@@ -305,10 +307,11 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     spe = steps_per_epoch(config, manifest)
     total_steps = int(config.total_steps) if config.total_steps > 0 else int(config.epochs * spe)
     schedule = make_schedule(config, spe)
-    model = build_backbone(config, ndev)
-
     ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     resume_step = ckpt.latest_step()
+    # Read the fine-tuning weights before anything is built, so a bad --init-from fails at once.
+    init_weights = load_init_from(init_from) if (init_from and resume_step is None) else None
+    model = build_backbone(config, ndev)
     padded = parallel.padded_num_classes(config.num_classes, ndev)
     if resume_step is not None:
         saved_padded = int(ckpt.read_meta(resume_step).get("padded_classes", padded))
@@ -321,7 +324,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
         state, meta = ckpt.restore(state, mesh, resume_step)
         log.info("resumed from %s at step %d", workdir, int(state.step))
     elif init_from:
-        state = apply_init_from(state, init_from, config, shardings)
+        state = apply_init_from(state, init_from, config, shardings, weights=init_weights)
 
     step_cfg = StepConfig(head=config.head.name, head_kwargs=head_kwargs(config), num_classes=config.num_classes,
                           head_num_groups=ndev if config.per_device_stats else 1, accum_steps=config.accum_steps,

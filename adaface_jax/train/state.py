@@ -71,6 +71,9 @@ def init_variables(model, rng: jax.Array, num_classes: int, *, padded_classes: i
 
 def create_train_state(params, batch_stats, head_state, tx: optax.GradientTransformation,
                        rng: jax.Array) -> TrainState:
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, batch_stats=batch_stats, head_state=head_state,
-                      opt_state=tx.init(params), rng=rng, skipped_in_row=zero, skipped_total=zero, tx=tx)
+    # One buffer per counter: a shared zero would make ``jit(..., donate_argnums=0)`` donate it twice.
+    def zero():
+        return jnp.zeros((), jnp.int32)
+
+    return TrainState(step=zero(), params=params, batch_stats=batch_stats, head_state=head_state,
+                      opt_state=tx.init(params), rng=rng, skipped_in_row=zero(), skipped_total=zero(), tx=tx)

@@ -27,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import convert  # noqa: PLC0415  (keeps `adaface-jax --help` fast)
+    from data_pipeline import convert  # noqa: PLC0415  (keeps `adaface-jax --help` fast)
 
     if args.kind == "bin":
-        from .bin_reader import load_bin  # noqa: PLC0415
+        from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
         images, issame = load_bin(args.src, cache_dir=args.out)
         print(json.dumps({"bin": os.path.abspath(args.src), "images": list(images.shape),
                           "pairs": int(len(issame)), "same": int(issame.sum()), "cache_dir": os.path.abspath(args.out)}))

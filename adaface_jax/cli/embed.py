@@ -1,6 +1,8 @@
 """``adaface-jax embed PATHS... --checkpoint CKPT --out feats.npz [--align]``."""
 from __future__ import annotations
 
+from adaface_jax.cli import positive_int
+
 
 def add_arguments(parser):
     parser.add_argument("paths", nargs="+", help="images: aligned 112x112 crops, or photos with --align")
@@ -11,13 +13,18 @@ def add_arguments(parser):
     parser.add_argument("--select", choices=["score", "largest"], default="score",
                         help="which face to keep when a photo has several (default: highest score, as the original)")
     parser.add_argument("--flip-test", action="store_true", help="add the horizontally flipped view (pre_norm_vector_add)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
 
 
 def run(args) -> int:
     from adaface_jax.inference import load_pretrained
+    from adaface_jax.io import check_output_file
     from adaface_jax.photos import embed_photos
 
+    if not args.out.endswith(".npz"):
+        from adaface_jax.errors import InputError
+        raise InputError(f"--out {args.out}: expected a .npz file name")
+    check_output_file(args.out, "--out")
     model = load_pretrained(args.checkpoint, arch=args.arch)
     result = embed_photos(model, args.paths, align=args.align, flip_test=args.flip_test, select=args.select,
                           batch_size=args.batch_size, progress=True)

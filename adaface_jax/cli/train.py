@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from adaface_jax.train.config_io import accept_config_overrides, apply_overrides, load_config
+CONFIG_OVERRIDES = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-collectives", default=None, choices=["gloo", "mpi"],
                         help="cross-process collectives on CPU (tests and debugging)")
 
-    accept_config_overrides(parser)
-
 
 def run(args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,24 +32,20 @@ def run(args) -> int:
     for noisy in ("absl", "jax._src.xla_bridge"):  # orbax logs every manager option at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from adaface_jax import parallel  # noqa: PLC0415
-    from adaface_jax.train.loop import ConfigError, TooManySkippedSteps, train  # noqa: PLC0415
+    from adaface_jax.train.config_io import apply_overrides, load_config  # noqa: PLC0415
+    from adaface_jax.train.loop import TooManySkippedSteps, train  # noqa: PLC0415
 
-    try:
-        config = apply_overrides(load_config(args.config), getattr(args, "overrides", {}))
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        print(f"adaface-jax train: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    config = apply_overrides(load_config(args.config), args.overrides)
+    if args.init_from and not os.path.exists(args.init_from):
+        from adaface_jax.errors import InputError  # noqa: PLC0415
+        raise InputError(f"--init-from {args.init_from}: no such file or directory")
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                     cpu_collectives=args.cpu_collectives)
     try:
         summary, _ = train(config, args.workdir, init_from=args.init_from)
-    except ConfigError as e:
-        print(f"adaface-jax train: bad configuration: {e}", file=sys.stderr)
-        return 2
     except TooManySkippedSteps as e:
-        print(f"adaface-jax train: {e}", file=sys.stderr)
+        print(f"adaface-jax train: error: {e}", file=sys.stderr)
         return 3
     logging.info("finished: step %d (%s), last metrics %s", summary["step"], summary["stop_reason"],
                  summary["metrics"])
     return 0
-

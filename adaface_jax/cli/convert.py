@@ -1,8 +1,6 @@
 """``adaface-jax convert IN.ckpt OUT_DIR [--arch ir_50]``: PyTorch .ckpt -> orbax + JSON meta."""
 from __future__ import annotations
 
-import sys
-
 
 def add_arguments(parser):
     parser.add_argument("src", help="PyTorch checkpoint (released {'state_dict': ...} or a Lightning .ckpt)")
@@ -13,12 +11,10 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from adaface_jax.convert.convert import convert_checkpoint
+    from adaface_jax.io import check_output_dir
 
-    try:
-        meta = convert_checkpoint(args.src, args.out_dir, arch=args.arch, force=args.force)
-    except (ValueError, OSError) as e:  # mismatch, unreadable/unsafe file, existing output
-        print(f"adaface-jax convert: error: {e}", file=sys.stderr)
-        return 1
+    check_output_dir(args.out_dir)
+    meta = convert_checkpoint(args.src, args.out_dir, arch=args.arch, force=args.force)
     head = f", head with {meta['head_num_classes']} classes" if meta["head_num_classes"] else ""
     print(f"converted {args.src} -> {args.out_dir}: {meta['arch']} {meta['input_size'][0]}x"
           f"{meta['input_size'][1]} {meta['channel_order']}{head}")

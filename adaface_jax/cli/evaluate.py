@@ -101,7 +101,7 @@ def load_features_npz(path: str) -> dict:
 
 def _require(d, key, path):
     if key not in d:
-        raise KeyError(f"{path}: missing array {key!r} (see `adaface-jax evaluate --help` / evaluation.cli)")
+        raise KeyError(f"{path}: missing array {key!r} (see `adaface-jax evaluate --help`)")
     return d[key]
 
 
@@ -306,13 +306,3 @@ def run(args) -> int:
     _atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2, allow_nan=True))
     print(f"results written to {out_dir}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="adaface-jax evaluate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

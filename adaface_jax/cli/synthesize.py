@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import synthetic  # noqa: PLC0415
+    from data_pipeline import synthetic  # noqa: PLC0415
 
     manifest = synthetic.write_synthetic_dataset(args.out, args.identities, args.images_per_identity, args.seed,
                                                  severity=args.severity, image_format=args.format,

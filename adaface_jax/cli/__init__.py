@@ -1,0 +1,140 @@
+"""The `adaface-jax` command: a registry of subcommands, one module per command in this folder.
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and stays thin: the
+logic lives in the library, where notebooks can call it too. Only the chosen command's module is
+imported, so ``adaface-jax --help`` does not pay for TensorFlow, JAX or torch. A module that sets
+``CONFIG_OVERRIDES = True`` also takes ``--config.a.b=value`` arguments (``args.overrides``).
+
+Expected failures (``adaface_jax.errors.InputError``, ``evaluation.ProtocolError``, ``OSError``)
+become one line on stderr, ``adaface-jax <command>: error: <what>``, and exit status 1; pass
+``--debug`` (or set ``ADAFACE_DEBUG=1``) to see the traceback. Any other exception is a bug and
+keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+
+from adaface_jax.errors import InputError, one_line
+
+# command -> one-line help; the module is adaface_jax.cli.<command>
+COMMANDS = {
+    "info": "show versions, devices and the model zoo",
+    "convert": "convert a PyTorch AdaFace .ckpt into a converted (orbax) directory",
+    "export": "export a converted/trained checkpoint back to a PyTorch state_dict",
+    "prepare": "convert .rec / image folders / list files into TFRecords (or cache a .bin)",
+    "synthesize": "render the synthetic identity dataset as TFRecords",
+    "check": "pre-flight a prepared dataset: decode every record, verify counts and checksums",
+    "train": "train a model from a configs/ recipe",
+    "evaluate": "run an evaluation protocol (hq, ijbb, ijbc, ijbs, tinyface)",
+    "embed": "embed images (optionally detect + align first)",
+    "compare": "print the similarity matrix of face photos",
+    "quickstart": "synthesize data, train, evaluate and plot on this machine",
+}
+DEBUG_ENV = "ADAFACE_DEBUG"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2, as argparse) naming the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _expected_errors() -> tuple:
+    from evaluation import ProtocolError  # noqa: PLC0415  (pure numpy package, cheap)
+
+    return InputError, ProtocolError, OSError
+
+
+def _command_module(name: str):
+    """The command's module; a missing module is an error, never a silently dropped command."""
+    return importlib.import_module(f"adaface_jax.cli.{name}")
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="adaface-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_ENV}=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """Take ``--debug`` out of argv (before a ``--``), wherever it stands."""
+    if "--" in argv:
+        cut = argv.index("--")
+        head, tail = argv[:cut], argv[cut:]
+    else:
+        head, tail = argv, []
+    debug = "--debug" in head
+    return [a for a in head if a != "--debug"] + tail, debug
+
+
+def parse_command(argv: list[str]):
+    """-> (command name, its module, parsed args). ``--config.a.b=v`` go to ``args.overrides`` for
+    modules that take them (one ``split_override_args`` step before argparse)."""
+    if not argv or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv)  # help, or a one-line error for an unknown command
+        raise SystemExit(2)
+    name = argv[0]
+    module = _command_module(name)
+    parser = _Parser(prog=f"adaface-jax {name}", description=COMMANDS[name])
+    module.add_arguments(parser)
+    rest, overrides = argv[1:], {}
+    if getattr(module, "CONFIG_OVERRIDES", False):
+        from adaface_jax.train.config_io import split_override_args  # noqa: PLC0415
+
+        try:
+            overrides, rest = split_override_args(rest)
+        except ValueError as e:
+            parser.error(str(e))
+    args = parser.parse_args(rest)
+    args.overrides = overrides
+    return name, module, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    name, module, args = parse_command(argv)
+    try:
+        return int(module.run(args) or 0)
+    except _expected_errors() as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"adaface-jax {name}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"adaface-jax {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
