@@ -135,6 +135,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adaface-jax {name}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

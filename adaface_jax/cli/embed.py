@@ -21,9 +21,6 @@ def run(args) -> int:
     from adaface_jax.io import check_output_file
     from adaface_jax.photos import embed_photos
 
-    if not args.out.endswith(".npz"):
-        from adaface_jax.errors import InputError
-        raise InputError(f"--out {args.out}: expected a .npz file name")
     check_output_file(args.out, "--out")
     model = load_pretrained(args.checkpoint, arch=args.arch)
     result = embed_photos(model, args.paths, align=args.align, flip_test=args.flip_test, select=args.select,
