@@ -5,7 +5,7 @@ uint8 in [0, 255] (normalised here to ``(x/255 - 0.5)/0.5``) or float already no
 [-1, 1]. Batches are padded to a multiple of the local device count, sharded over
 ``Mesh(jax.local_devices(), ('data',))`` with ``P('data')`` and run through one jitted function
 that applies the model to the image and (optionally) its horizontal flip (NHWC axis 2, on the
-normalised tensor) and fuses the two views with :func:`fuse` (reference-behaviour §0).
+normalised tensor) and fuses the two views with :func:`fuse` (the fusion helpers of the original's validate_IJB_BC.py and utils.py).
 """
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
         (N, H, W, 3) or an iterable of such arrays (any chunk sizes; re-batched here).
       batch_size: images per step; rounded up to a multiple of the local device count. The last
         batch is zero-padded to full size (one compiled shape) and the padding dropped.
-      flip_test, fusion: §0 flip test and fusion method (see :func:`fuse`).
+      flip_test, fusion: the flip test and fusion method (see :func:`fuse`).
       mesh: a mesh with a ``'data'`` axis; default all local devices.
       cache_dir, cache_key: when both are given, results are read from / written atomically to
         ``<cache_dir>/<cache_key>__flip<0|1>_<fusion>.npz``. The key must identify checkpoint and

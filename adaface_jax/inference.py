@@ -56,7 +56,7 @@ class PretrainedModel:
     def embed(self, x, flip_test: bool = False):
         """Embed NHWC BGR images -- float32 normalised (``to_input``) or uint8 -- in fixed-size
         batches.  ``flip_test`` adds the width-flipped view, fused with
-        ``pre_norm_vector_add`` (reference-behaviour §0)."""
+        ``pre_norm_vector_add`` (the original evaluation scripts' default fusion)."""
         x = np.asarray(x)
         if x.dtype != np.uint8:
             x = x.astype(np.float32)

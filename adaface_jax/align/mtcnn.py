@@ -1,7 +1,7 @@
 """MTCNN face detection with 5 landmarks, following AdaFace's own procedure.
 
 This replicates the original inference detector (face_alignment/mtcnn.py on the
-TropComplique MTCNN port; reference-behaviour §4.2) step by step, on the weights of the
+TropComplique MTCNN port: face_alignment/mtcnn.py and mtcnn_pytorch/src/*) step by step, on the weights of the
 ``mtcnn`` wheel (see ``nets.py``): Pillow BILINEAR resizes for the pyramid and the crops,
 P-Net's width-axis softmax quirk (optional, on by default), ceil-mode pooling, +1 box areas,
 strict ``>`` suppression, 'min' NMS in the last stage, calibrate / square / round between

@@ -147,7 +147,7 @@ def pnet_forward(w: tuple, x: np.ndarray, width_softmax: bool = True):
     Returns (face probability map (H', W'), box offsets (H', W', 4)), with H' = ceil((H-2)/2) - 4.
     ``width_softmax=True`` replicates AdaFace's ``F.softmax(dim=-1)`` on the NCHW output,
     which normalises the face logit over the width axis of each row rather than over the two
-    classes (reference-behaviour §4.2); False gives the usual per-cell class softmax.
+    classes (the original mtcnn_pytorch/src/get_nets.py PNet/ONet softmax); False gives the usual per-cell class softmax.
     """
     h = prelu(conv2d_valid(x, w[0], w[1]), w[2])
     h = max_pool_ceil(h, 2, 2)

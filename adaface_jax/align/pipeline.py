@@ -1,4 +1,4 @@
-"""Photo -> aligned 112x112 face, as AdaFace's ``align.get_aligned_face`` (reference-behaviour §4.1).
+"""Photo -> aligned 112x112 face, as AdaFace's ``face_alignment/align.get_aligned_face``.
 
 Photos are opened with PIL and ``.convert('RGB')`` (so EXIF orientation is NOT applied,
 like the original inference path); MTCNN finds faces; the highest-O-Net-score face is kept
@@ -99,7 +99,7 @@ def align_face(
       image: a path, a PIL image (converted to RGB) or an (H, W, 3) uint8 RGB array.
       select: "score" keeps the highest-confidence face (the original's behaviour);
         "largest" keeps the largest box.
-      method: "cp2tform" (the original inference path, §4.3) or "umeyama" (IJB path, §2.2).
+      method: "cp2tform" (the original inference path, ``align_trans.warp_and_crop_face``) or "umeyama" (the IJB loader, ``insightface_ijb_helper/dataloader.py``).
       size: 112 or (96, 112) as (width, height).
       detector: a ``FaceDetector``; default: the shared one with AdaFace's settings.
       raise_on_unreadable: raise (naming the path) when a file cannot be opened/decoded;

@@ -3,9 +3,9 @@
 Two estimators exist in the original code base and both are kept here:
 
 * ``similarity_umeyama``: scikit-image's Umeyama fit (landmarks -> template), used by
-  the IJB alignment (reference-behaviour §2.2).
+  the IJB alignment (``validation_mixed/insightface_ijb_helper/dataloader.py``, ``ImageAligner``).
 * ``similarity_cp2tform``: the MATLAB ``cp2tform``-style fit of the inference path
-  (``align_trans.get_similarity_transform_for_cv2``, §4.3). It fits template -> landmarks
+  (``align_trans.get_similarity_transform_for_cv2``). It fits template -> landmarks
   in source-pixel units and inverts, so with noisy landmarks it differs slightly from
   Umeyama; for noise-free points the two agree.
 
@@ -20,7 +20,7 @@ import numpy as np
 from skimage.transform import SimilarityTransform
 
 # ArcFace 5-point template for 112x112 crops: the 96x112 template shifted by +8 px in x.
-# These are the precise values of the inference path (§4.3); the IJB path (§2.2) writes the
+# These are the precise values of the inference path (``align_trans``); the IJB path (``ImageAligner``) writes the
 # same points rounded to 4 decimals. Cast to float32 as both original paths do, the two forms
 # agree to float32 precision (max difference ~1e-6 px). Order: left eye, right eye, nose tip,
 # left mouth corner, right mouth corner (left/right as seen in the image).
@@ -35,7 +35,7 @@ REFERENCE_5PTS = np.array(
     dtype=np.float32,
 )
 
-# The IJB loader (§2.2) builds its template from the 4-decimal 96x112 points in float32 and adds
+# The IJB loader (``ImageAligner``) builds its template from the 4-decimal 96x112 points in float32 and adds
 # 8 in float32; that differs from REFERENCE_5PTS by up to ~8e-6 px, enough to flip a few pixel
 # values of a warp by 1, so the Umeyama (IJB) path uses exactly this form.
 IJB_REFERENCE_5PTS = np.array(
@@ -53,8 +53,8 @@ def reference_points(size=112, method: str = "cp2tform") -> np.ndarray:
 
     Args:
       size: 112 (square 112x112 crop) or (96, 112) given as (width, height).
-      method: "umeyama" gives the IJB loader's float32 form of the 112x112 template (§2.2),
-        "cp2tform" the inference path's (§4.3).
+      method: "umeyama" gives the IJB loader's float32 form of the 112x112 template (``ImageAligner``),
+        "cp2tform" the inference path's (``align_trans``).
     """
     if size in (112, (112, 112)):
         return (IJB_REFERENCE_5PTS if method == "umeyama" else REFERENCE_5PTS).copy()
@@ -71,7 +71,7 @@ def _crop_wh(size) -> tuple[int, int]:
 
 
 def reduce_landmarks(landmarks) -> np.ndarray:
-    """Return (5, 2) float32 landmarks; 68-point (iBUG) input is reduced as in §2.2.
+    """Return (5, 2) float32 landmarks; 68-point (iBUG) input is reduced as the IJB loader does.
 
     68 -> 5: mean of points 36 and 39 (left eye), mean of 42 and 45 (right eye), point 30
     (nose tip), 48 and 54 (mouth corners). Any (5, 2) input is returned as float32.
@@ -150,7 +150,7 @@ def _apply_rowvec(t: np.ndarray, pts: np.ndarray) -> np.ndarray:
 def similarity_cp2tform(
     src_pts, dst_pts, *, reflective: bool = True, replicate_reflection_bug: bool = True
 ) -> np.ndarray:
-    """MATLAB ``cp2tform('similarity')``-style fit of AdaFace's inference alignment (§4.3).
+    """MATLAB ``cp2tform('similarity')``-style fit of AdaFace's inference alignment (``matlab_cp2tform``).
 
     Fits dst -> src by least squares in src units, inverts it to get src -> dst. With
     ``reflective=True`` (the original's default through the misspelled 'smilarity' type) a
@@ -201,7 +201,7 @@ def warp_face(image, landmarks, method: str = "umeyama", size=112, *, return_mat
       image: (H, W, C) or (H, W) uint8 array in any channel order (RGB or BGR); the output keeps
         the input's channel order, since the warp treats channels independently.
       landmarks: (5, 2) or (68, 2) (x, y) points in ``image`` pixel coordinates.
-      method: "umeyama" (IJB path, §2.2) or "cp2tform" (MTCNN inference path, §4.3).
+      method: "umeyama" (the IJB loader) or "cp2tform" (the MTCNN inference path).
       size: 112 for 112x112, or (96, 112) as (width, height).
       return_matrix: also return the (2, 3) matrix.
 
