@@ -107,3 +107,25 @@ def format_similarity(result: PhotoEmbeddings, digits: int = 4) -> str:
         if err:
             lines.append(f"{name}: {err}")
     return "\n".join(lines)
+
+
+def format_decisions(result: PhotoEmbeddings, calibration: dict, flip_test: bool = False) -> str:
+    """Each pair's cosine with "same person at FAR=f: yes/no" for every calibrated FAR
+    (``evaluation.calibration``: same iff cosine > threshold)."""
+    from evaluation.calibration import decide
+
+    names = [os.path.basename(s) for s in result.sources]
+    sim = result.similarity()
+    lines = [f"same-person decisions ({calibration.get('rule', 'cosine > threshold')}; calibrated on "
+             f"{calibration.get('source', '?')}):"]
+    if calibration.get("flip_test") is not None and bool(calibration["flip_test"]) != bool(flip_test):
+        lines.append(f"  note: the thresholds were calibrated with flip_test={calibration['flip_test']}, "
+                     f"these embeddings use flip_test={flip_test}")
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            if not (result.ok[i] and result.ok[j]):
+                continue
+            verdict = ", ".join(f"same person at FAR={far}: {'yes' if same else 'no'}"
+                                for far, same in decide(float(sim[i, j]), calibration).items())
+            lines.append(f"  {names[i]} ~ {names[j]}: cosine {sim[i, j]:.4f}; {verdict}")
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """``adaface-jax compare IMG... --checkpoint CKPT``: align, embed and print the similarity matrix
-(the original repository's inference example), with each photo's feature norm."""
+(the original repository's inference example), with each photo's feature norm; once the model is
+calibrated (``adaface-jax calibrate``), each pair's "same person at FAR=...: yes/no"."""
 from __future__ import annotations
 
 
@@ -14,9 +15,15 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from adaface_jax.inference import load_pretrained
-    from adaface_jax.photos import embed_photos, format_similarity
+    from adaface_jax.photos import embed_photos, format_decisions, format_similarity
 
     model = load_pretrained(args.checkpoint, arch=args.arch)
     result = embed_photos(model, args.paths, align=args.align, flip_test=args.flip_test)
     print(format_similarity(result))
+    calibration = model.meta.get("calibration")
+    if calibration:
+        print(format_decisions(result, calibration, flip_test=args.flip_test))
+    else:
+        print(f"(no calibrated thresholds: `adaface-jax calibrate --checkpoint {args.checkpoint} --bin SET.bin` "
+              "gives same-person decisions at target false accept rates)")
     return 0 if result.ok.all() else 1

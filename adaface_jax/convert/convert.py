@@ -355,7 +355,18 @@ def _map_named(sd, arch, source):
 
 def load_any(path: str, arch: Optional[str] = None):
     """A ``.ckpt`` file, a converted directory or one of our training workdirs (latest checkpoint)
-    -> ``(arch, variables, head, meta)``."""
+    -> ``(arch, variables, head, meta)``; ``meta['calibration']`` holds the model's calibrated
+    thresholds when ``adaface-jax calibrate`` stored some (see ``adaface_jax.deploy.calibration_file``)."""
+    from adaface_jax.deploy import calibration_file
+
+    arch, variables, head, meta = _load_weights(path, arch)
+    calibration = calibration_file.read(path)
+    if calibration is not None:
+        meta["calibration"] = calibration
+    return arch, variables, head, meta
+
+
+def _load_weights(path: str, arch: Optional[str] = None):
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, META_NAME)):
         from adaface_jax.checkpoint import find_step_dir
 

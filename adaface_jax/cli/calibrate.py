@@ -1,0 +1,83 @@
+"""``adaface-jax calibrate --checkpoint M --bin lfw.bin``: cosine thresholds at target false accept
+rates, measured on a verification set and stored with the model (``compare`` then says "same person
+at FAR=1e-4: yes/no"). The scoring is ``evaluation.calibration``."""
+from __future__ import annotations
+
+import os
+
+from adaface_jax.cli import positive_int
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", required=True,
+                        help="the model: a converted directory, a training workdir or a PyTorch .ckpt; the thresholds "
+                             "are stored with it")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bin", help="a verification .bin (pairs of aligned faces with same/different labels)")
+    src.add_argument("--features", help="an .npz with 'features' (2N, D) interleaved pair embeddings of this model and "
+                                        "'issame' (N,)")
+    parser.add_argument("--far", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4, 1e-5],
+                        help="target false accept rates (default 1e-2 1e-3 1e-4 1e-5)")
+    parser.add_argument("--flip-test", action="store_true",
+                        help="embed with the flip test (use the same setting when comparing)")
+    parser.add_argument("--folds", type=positive_int, default=10, help="folds for the held-out rates")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--no-store", action="store_true", help="print the thresholds without storing them")
+
+
+def _read_features(path: str):
+    import numpy as np
+
+    from adaface_jax.errors import InputError
+
+    if not os.path.isfile(path):
+        raise InputError(f"--features {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise InputError(f"--features {path}: not a readable .npz ({e})") from e
+    for key in ("features", "issame"):
+        if key not in arrays:
+            raise InputError(f"--features {path}: missing array {key!r} (expected 'features' (2N, D) and 'issame' (N,))")
+    feats, issame = arrays["features"], arrays["issame"]
+    if feats.ndim != 2 or feats.shape[0] != 2 * issame.size:
+        raise InputError(f"--features {path}: 'features' has shape {feats.shape}, expected (2N, D) for "
+                         f"{issame.size} pairs")
+    return feats, issame
+
+
+def run(args) -> int:
+    import json
+
+    from adaface_jax.deploy import calibration_file
+    from adaface_jax.errors import InputError
+    from evaluation import calibration
+
+    for far in args.far:
+        if not 0.0 < far < 1.0:
+            raise InputError(f"--far {far}: a false accept rate is in (0, 1)")
+    calibration_file.location(args.checkpoint)  # a model we can store into (fails now if not)
+    if args.features:
+        feats, issame = _read_features(args.features)
+        source = os.path.basename(args.features)
+    else:
+        from data_pipeline.bin_reader import load_bin
+
+        images, issame = load_bin(args.bin)
+        source = os.path.basename(args.bin)
+    if not args.features:
+        from adaface_jax.inference import load_pretrained
+
+        model = load_pretrained(args.checkpoint, batch_size=args.batch_size)
+        feats, _ = model.embed(images, flip_test=args.flip_test)
+    cal = calibration.calibrate(calibration.pair_cosines(feats), issame, fars=tuple(sorted(args.far, reverse=True)),
+                                nrof_folds=args.folds)
+    cal.update(source=source, flip_test=bool(args.flip_test) if not args.features else None)
+    print(calibration.format_calibration(cal))
+    if args.no_store:
+        print(json.dumps(cal["thresholds"]))
+        return 0
+    path = calibration_file.store(args.checkpoint, cal)
+    print(f"stored in {path}; `adaface-jax compare --checkpoint {args.checkpoint}` now prints the decisions")
+    return 0

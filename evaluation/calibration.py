@@ -1,0 +1,123 @@
+"""Which cosine means "same person"? Thresholds at target false accept rates, from a verification set.
+
+Given the cosine similarity of every pair of a verification set (genuine and impostor pairs), the
+threshold at a false accept rate f is the smallest observed impostor score t such that at most
+``floor(f * n_impostor)`` impostor pairs score above it; the decision rule is ``same iff cosine > t``.
+A FAR is *supported* only when the set has enough impostor pairs for it (``f * n_impostor >= 1``):
+below that every threshold reaches FAR 0 on this set and says nothing about f.
+
+The true and false accept rates that a threshold really gives on unseen pairs are estimated by
+k-fold cross-validation (contiguous folds, as the verification protocol): the threshold comes from
+the other folds, the rates from the held-out fold.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from evaluation import ProtocolError
+
+FAR_TARGETS = (1e-2, 1e-3, 1e-4, 1e-5)
+RULE = "same person iff cosine > threshold"
+
+
+def pair_cosines(features: np.ndarray) -> np.ndarray:
+    """Interleaved unit embeddings (2N, D) -> cosine of pair i = rows 2i and 2i+1 (float64)."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or features.shape[0] % 2:
+        raise ProtocolError(f"features must be (2N, D) with pairs interleaved, got shape {features.shape}")
+    return np.sum(features[0::2] * features[1::2], axis=1)
+
+
+def threshold_at_far(impostor_scores: np.ndarray, far: float) -> float:
+    """Smallest observed impostor score t with ``#(impostor > t) <= floor(far * n)``."""
+    s = np.sort(np.asarray(impostor_scores, np.float64))[::-1]
+    if s.size == 0:
+        raise ProtocolError("no impostor pairs: a false accept rate cannot be calibrated")
+    k = int(math.floor(far * s.size + 1e-9))
+    return float(s[min(k, s.size - 1)])
+
+
+def supported(far: float, num_impostor: int) -> bool:
+    return far * num_impostor >= 1.0 - 1e-9
+
+
+def _fold_slices(n: int, k: int) -> list[slice]:
+    sizes = np.full(k, n // k, np.int64)
+    sizes[: n % k] += 1
+    ends = np.cumsum(sizes)
+    return [slice(int(e - s), int(e)) for s, e in zip(sizes, ends)]
+
+
+def calibrate(scores: np.ndarray, issame: np.ndarray, fars=FAR_TARGETS, nrof_folds: int = 10) -> dict:
+    """Thresholds at each supported FAR, with the rates they give on held-out folds.
+
+    Returns ``{'rule', 'num_pairs', 'num_genuine', 'num_impostor', 'thresholds': {far: {...}},
+    'unsupported': {far: reason}}`` where each threshold entry holds ``threshold`` (from all pairs),
+    ``tar`` and ``far`` on all pairs, and ``held_out_tar``/``held_out_far`` mean and std over folds.
+    """
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    issame = np.asarray(issame).astype(bool).reshape(-1)
+    if scores.size != issame.size:
+        raise ProtocolError(f"{scores.size} pair scores but {issame.size} pair labels")
+    if not np.all(np.isfinite(scores)):
+        bad = np.flatnonzero(~np.isfinite(scores))
+        raise ProtocolError(f"{bad.size} pair scores are not finite (pairs {bad[:5].tolist()}...): "
+                            "a feature row is NaN or zero")
+    genuine, impostor = scores[issame], scores[~issame]
+    if genuine.size == 0 or impostor.size == 0:
+        raise ProtocolError(f"calibration needs genuine and impostor pairs; the set has {genuine.size} genuine "
+                            f"and {impostor.size} impostor pairs")
+    if scores.size < nrof_folds:
+        raise ProtocolError(f"{scores.size} pairs are too few for {nrof_folds} folds")
+    folds = _fold_slices(scores.size, nrof_folds)
+    out = {"rule": RULE, "num_pairs": int(scores.size), "num_genuine": int(genuine.size),
+           "num_impostor": int(impostor.size), "folds": nrof_folds, "thresholds": {}, "unsupported": {}}
+    for far in fars:
+        key = f"{far:g}"
+        if not supported(far, impostor.size):
+            need = int(math.ceil(1.0 / far))
+            out["unsupported"][key] = (f"FAR={key} needs at least {need} impostor pairs to mean anything; "
+                                       f"the set has {impostor.size}")
+            continue
+        thr = threshold_at_far(impostor, far)
+        held_tar, held_far = [], []
+        for fold in folds:
+            train = np.ones(scores.size, bool)
+            train[fold] = False
+            train_imp = scores[train & ~issame]
+            t = threshold_at_far(train_imp, far)
+            test_s, test_same = scores[fold], issame[fold]
+            if test_same.any():
+                held_tar.append(float(np.mean(test_s[test_same] > t)))
+            if (~test_same).any():
+                held_far.append(float(np.mean(test_s[~test_same] > t)))
+        out["thresholds"][key] = {
+            "far_target": far, "threshold": thr,
+            "tar": float(np.mean(genuine > thr)), "far": float(np.mean(impostor > thr)),
+            "held_out_tar_mean": float(np.mean(held_tar)), "held_out_tar_std": float(np.std(held_tar)),
+            "held_out_far_mean": float(np.mean(held_far)), "held_out_far_std": float(np.std(held_far)),
+            "reliable": bool(far * impostor.size >= 10),
+        }
+    if not out["thresholds"]:
+        raise ProtocolError(f"no target FAR is supported by {impostor.size} impostor pairs "
+                            f"(the largest asked for, {max(fars):g}, needs {int(math.ceil(1 / max(fars)))})")
+    return out
+
+
+def decide(cosine: float, calibration: dict) -> dict:
+    """``{far: bool}``: is this cosine a "same person" decision at each calibrated FAR?"""
+    return {key: bool(cosine > entry["threshold"]) for key, entry in calibration.get("thresholds", {}).items()}
+
+
+def format_calibration(cal: dict) -> str:
+    lines = [f"{cal['num_pairs']} pairs ({cal['num_genuine']} genuine, {cal['num_impostor']} impostor); {cal['rule']}",
+             f"{'FAR':>8s}  {'threshold':>9s}  {'TAR (all)':>9s}  {'held-out TAR':>16s}  {'held-out FAR':>20s}"]
+    for key, e in cal["thresholds"].items():
+        note = "" if e["reliable"] else "  (fewer than 10 expected false accepts: rough)"
+        lines.append(f"{key:>8s}  {e['threshold']:9.4f}  {e['tar']:9.4f}  {e['held_out_tar_mean']:8.4f} ± "
+                     f"{e['held_out_tar_std']:.4f}  {e['held_out_far_mean']:10.2e} ± {e['held_out_far_std']:.1e}{note}")
+    for key, why in cal["unsupported"].items():
+        lines.append(f"{key:>8s}  not calibrated: {why}")
+    return "\n".join(lines)
