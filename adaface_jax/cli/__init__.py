@@ -31,7 +31,8 @@ COMMANDS = {
     "train": "train a model from a configs/ recipe",
     "evaluate": "run an evaluation protocol (hq, ijbb, ijbc, ijbs, tinyface)",
     "embed": "embed images (optionally detect + align first)",
-    "compare": "print the similarity matrix of face photos",
+    "compare": "print the similarity matrix of face photos (and same-person decisions once calibrated)",
+    "calibrate": "cosine thresholds at target false accept rates from a verification set, stored with the model",
     "quickstart": "synthesize data, train, evaluate and plot on this machine",
 }
 DEBUG_ENV = "ADAFACE_DEBUG"
@@ -120,7 +121,16 @@ def parse_command(argv: list[str]):
     return name, module, args
 
 
+def _quiet_native_logs() -> None:
+    """TensorFlow prints start-up notices to stderr from C++ before its log level applies (the oneDNN
+    notice among them); a command's stderr should hold only what the command has to say. TF's oneDNN
+    rewrites matter for its convolutions and matmuls, which the input pipeline does not rely on."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_native_logs()
     argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     name, module, args = parse_command(argv)
