@@ -11,7 +11,7 @@ Every head maps ``(embeddings, norms, labels, kernel, state) -> (scaled logits, 
 The target logit is selected with a one-hot mask rather than a gather, so the same code runs
 unchanged when the kernel -- and hence the logits -- are sharded by class across devices.
 
-Math follows AdaFace's head.py (see ../shared/spec/reference-behaviour.md §5.4); where we differ
+Math follows AdaFace's head.py (``AdaFace``, ``ArcFace``, ``CosFace``); where we differ
 it is an option, documented on the function.
 """
 from __future__ import annotations

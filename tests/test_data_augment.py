@@ -64,8 +64,10 @@ def test_low_resolution_against_opencv():
     small = augment._resize_to_uint8(img, tf.constant([56, 56]), tf.constant(2)).numpy().astype(int)
     ref_area = cv2.resize(FACE, (56, 56), interpolation=cv2.INTER_AREA).astype(int)
     assert np.abs(small - ref_area).max() <= 1
-    # The other kernels differ from OpenCV's (documented in augment.py); measured bounds on this image:
-    # bicubic ~1.6-3.1, lanczos ~0.6-1.4, area/bilinear < 0.3 grey levels mean absolute difference.
+    # The other kernels differ from OpenCV's (documented in augment.py); measured mean absolute differences on
+    # this image (sides 56, 23): bilinear 0.15-0.25, area 0.02-0.12, bicubic 1.63-3.08, lanczos 0.64-1.43.
+    # Bounds ~1.4-3x above; tests/test_augment_reference.py tells the kernels apart more sharply.
+    bounds = {1: 0.5, 2: 0.3, 3: 4.0, 4: 2.0}
     cv_flags = [cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_AREA, cv2.INTER_CUBIC, cv2.INTER_LANCZOS4]
     for side in (56, 23):
         for k, flag in enumerate(cv_flags):
@@ -78,7 +80,7 @@ def test_low_resolution_against_opencv():
                 loss_ours, loss_cv = np.abs(ours - FACE).mean(), np.abs(ref - FACE).mean()
                 assert loss_ours < 1.5 * loss_cv
             else:
-                assert np.abs(ours - ref).mean() < 4.0, (augment.RESIZE_METHODS[k], side)
+                assert np.abs(ours - ref).mean() < bounds[k], (augment.RESIZE_METHODS[k], side)
 
 
 def _reference_crop_params(rng, size=112):

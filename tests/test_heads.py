@@ -198,3 +198,59 @@ def test_init_kernel_matches_reference_recipe():
     np.testing.assert_allclose(np.std(k), np.std(ref), rtol=0.02)
     np.testing.assert_allclose(np.max(np.abs(k)), np.max(np.abs(ref)), rtol=0.1)
     assert abs(np.mean(k)) < 3e-3
+
+
+def make_clip_batch(rng, kernel, step):
+    """A batch that drives AdaFace's target angle out of [eps, pi - eps]: target cosines at/near +-1 paired
+    with norms far above / below the running mean, so that with a small batch_std the scaler saturates at
+    +-1 and theta - m*scaler leaves the interval (theta ~ 0.045 - 0.4 < eps, or pi - 0.045 + 0.4 > pi - eps)."""
+    labels = rng.randint(0, C, B)
+    k_hat = kernel / np.linalg.norm(kernel, axis=0, keepdims=True)
+    emb = rng.randn(B, E)
+    ortho = rng.randn(E)
+    for row, c in enumerate((1.0, 0.999, 0.97, -1.0, -0.9995, -0.98)):  # 6 rows with target cos near +-1
+        t = k_hat[:, labels[row]]
+        o = ortho - ortho @ t * t
+        o /= np.linalg.norm(o)
+        emb[row] = c * t + np.sqrt(max(0.0, 1 - c * c)) * o
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    # high norms (scaler -> +1) on the cos ~ +1 rows, low norms (scaler -> -1) on the cos ~ -1 rows
+    norms = np.array([95.0, 80.0 + step, 60.0, 1.0, 3.0 + step, 5.0, 24.0, 27.0])[:, None]
+    return emb.astype(np.float32), norms.astype(np.float32), labels
+
+
+def test_adaface_angle_clip_is_active_and_matches_reference():
+    """The target-angle clip to [eps, pi - eps] (§5.4 head.py `theta_m`) with the scaler saturated at +-1:
+    batch_std 2 (AdaFaceState(25, 2)) and norms 1..95.  Logits, loss, gradients and state vs the reference
+    over 3 steps; the unclipped angle is checked to really leave the interval on several rows each step."""
+    torch.manual_seed(0)
+    ref = AdaFace(embedding_size=E, classnum=C)
+    with torch.no_grad():
+        ref.batch_mean.fill_(25.0)
+        ref.batch_std.fill_(2.0)
+    kernel = ref.kernel.detach().numpy().copy()
+    state = heads.AdaFaceState.create(25.0, 2.0)
+    rng = np.random.RandomState(7)
+    eps, m, h = 1e-3, 0.4, 0.333
+    print("\n[adaface clip]")
+    for step in range(3):
+        emb, norms, labels = make_clip_batch(rng, kernel, step)
+        # what the clip acts on, computed in float64 from the reference's state after its EMA update
+        n = np.clip(norms[:, 0].astype(np.float64), 0.001, 100)
+        mean = 0.01 * n.mean() + 0.99 * float(ref.batch_mean[0])
+        std = 0.01 * n.std(ddof=1) + 0.99 * float(ref.batch_std[0])
+        scaler = np.clip((n - mean) / (std + eps) * h, -1, 1)
+        k_hat = kernel / np.linalg.norm(kernel, axis=0, keepdims=True)
+        cos_t = np.clip(np.sum(emb * k_hat[:, labels].T, axis=1), -1 + eps, 1 - eps)
+        raw = np.arccos(cos_t) - m * scaler
+        low, high = int(np.sum(raw < eps)), int(np.sum(raw > np.pi - eps))
+        print(f"  step {step}: scaler {np.round(scaler, 3)}; {low} angles < eps, {high} > pi - eps")
+        assert low >= 2 and high >= 2 and np.sum(np.abs(scaler) == 1.0) >= 4
+        t_logits, t_loss, t_ge, t_gk = torch_step(ref, emb, norms, labels)
+        logits, loss, g_e, g_k, state = jax_step("adaface", kernel, state, emb, norms, labels)
+        close(f"step {step} logits", logits, t_logits)
+        close(f"step {step} loss", loss, t_loss)
+        close(f"step {step} d loss/d emb", g_e, t_ge)
+        close(f"step {step} d loss/d kernel", g_k, t_gk)
+        close(f"step {step} state", np.concatenate([state.batch_mean, state.batch_std]),
+              np.concatenate([ref.batch_mean.numpy(), ref.batch_std.numpy()]))

@@ -15,7 +15,15 @@ from adaface_jax.models import build_model
 from adaface_jax.models.iresnet import BottleneckIR
 from torch_reference import AdaFace, BottleneckIR as TorchBottleneck, build_backbone, randomize_
 
-TOL = 1e-4
+# Bounds per check, ~3-8x the differences measured on CPU (jax 0.10 / torch 2.13, printed with pytest -s):
+# eval embeddings 1.4e-7-2.5e-7 (224x224: 9.4e-7), norms <= 1.3e-7 relative; train mode 2.2e-6 (running
+# stats 3.2e-7); BottleneckIR 1.8e-7-2.0e-7 eval, 5.0e-7-6.6e-7 train; bn_groups=2 (BatchNorm over 2 samples)
+# 1.4e-5 (stats 7.4e-7).  A BatchNorm epsilon of 1e-4 instead of 1e-5 moves them by 2.4e-5-4.6e-5 (eval),
+# 3e-3 (train), 1e-4 (bottleneck eval) and 1.8e-2 (bn_groups).
+TOL_EVAL_EMB, TOL_EVAL_224_EMB, TOL_NORM = 2e-6, 5e-6, 1e-6
+TOL_TRAIN_EMB, TOL_STATS = 1e-5, 2e-6
+TOL_BLOCK_EVAL, TOL_BLOCK_TRAIN = 1e-6, 3e-6
+TOL_GROUPS_EMB, TOL_GROUPS_NORM, TOL_GROUPS_STATS = 5e-5, 2e-6, 3e-6
 
 
 def _prefixed(model):
@@ -30,12 +38,12 @@ def _inputs(n, seed=0, size=112):
     return np.random.RandomState(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
 
 
-def _compare(name, emb, norm, t_emb, t_norm):
+def _compare(name, emb, norm, t_emb, t_norm, tol_emb=TOL_EVAL_EMB, tol_norm=TOL_NORM):
     d_emb = float(np.max(np.abs(np.asarray(emb) - t_emb.numpy())))
     d_norm = float(np.max(np.abs(np.asarray(norm) - t_norm.numpy()) / np.abs(t_norm.numpy())))
     print(f"\n[{name}] max|d emb| = {d_emb:.3g}, max rel|d norm| = {d_norm:.3g}")
     assert np.allclose(np.linalg.norm(np.asarray(emb), axis=1), 1.0, atol=1e-5)
-    assert d_emb <= TOL and d_norm <= TOL, (d_emb, d_norm)
+    assert d_emb <= tol_emb and d_norm <= tol_norm, (d_emb, d_norm)
     return d_emb, d_norm
 
 
@@ -88,7 +96,7 @@ def test_train_mode_parity_and_running_stats(torch_ir18):
     model = build_model("ir_18", dropout_rate=0.0)
     (emb, norm), updates = jax.jit(
         lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
-    _compare("ir_18 train", emb, norm, t_emb, t_norm)
+    _compare("ir_18 train", emb, norm, t_emb, t_norm, tol_emb=TOL_TRAIN_EMB)
     _, _, after, _, _ = state_dict_to_variables(_prefixed(tm))
     # relative to each statistic's own scale (a mean over 4 samples can be ~0 by cancellation)
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b))),
@@ -97,7 +105,7 @@ def test_train_mode_parity_and_running_stats(torch_ir18):
     moved = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: float(np.max(np.abs(a - b))), variables["batch_stats"], after["batch_stats"])))
     print(f"[ir_18 train] running stats: max rel diff {worst:.3g} (stats moved by up to {moved:.3g})")
-    assert moved > 1e-2 and worst <= TOL
+    assert moved > 1e-2 and worst <= TOL_STATS
 
 
 def test_ir_se_50_eval_parity():
@@ -142,7 +150,7 @@ def test_bottleneck_block_parity(use_se, train):
         y = fb.apply(variables, x, train=False)
     d = float(np.max(np.abs(np.asarray(y) - ty)) / np.max(np.abs(ty)))
     print(f"\n[bottleneck se={use_se} train={train}] max|d| / max|y| = {d:.3g}")
-    assert y.shape == ty.shape == (2, 7, 7, 256) and d <= TOL
+    assert y.shape == ty.shape == (2, 7, 7, 256) and d <= (TOL_BLOCK_TRAIN if train else TOL_BLOCK_EVAL)
 
 
 @pytest.mark.parametrize("arch", ["ir_101", "ir_152"])
@@ -168,7 +176,7 @@ def test_input_size_224_is_inferred_and_runs():
     emb, norm = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     with torch.no_grad():
         t_emb, t_norm = tm(_nchw(x))
-    _compare("ir_18 224x224 eval", emb, norm, t_emb, t_norm)
+    _compare("ir_18 224x224 eval", emb, norm, t_emb, t_norm, tol_emb=TOL_EVAL_224_EMB)
 
 
 def test_bfloat16_compute_keeps_float32_params(torch_ir18):
@@ -183,7 +191,7 @@ def test_bfloat16_compute_keeps_float32_params(torch_ir18):
         t_emb, _ = torch_ir18(_nchw(x))
     cos = np.sum(np.asarray(emb) * t_emb.numpy(), axis=1)
     print(f"\n[ir_18 bf16] 1 - min cos to float32 torch = {1 - cos.min():.3g}")
-    assert cos.min() > 0.98
+    assert 1 - cos.min() < 1e-4  # measured 1.6e-5
 
 
 def test_bn_groups_reproduce_per_device_batchnorm(torch_ir18):
@@ -201,14 +209,15 @@ def test_bn_groups_reproduce_per_device_batchnorm(torch_ir18):
         tm.output_layer[1].p = 0.0
         with torch.no_grad():
             t_emb, t_norm = tm(_nchw(x[2 * g:2 * g + 2]))
-        _compare(f"ir_18 bn_groups=2 group {g}", emb[2 * g:2 * g + 2], norm[2 * g:2 * g + 2], t_emb, t_norm)
+        _compare(f"ir_18 bn_groups=2 group {g}", emb[2 * g:2 * g + 2], norm[2 * g:2 * g + 2], t_emb, t_norm,
+                 tol_emb=TOL_GROUPS_EMB, tol_norm=TOL_GROUPS_NORM)
         if g == 0:
             _, _, after, _, _ = state_dict_to_variables(_prefixed(tm))
             worst = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
                 lambda a, b: float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b))),
                 updates["batch_stats"], after["batch_stats"])))
             print(f"[ir_18 bn_groups=2] running stats vs group 0: max rel diff {worst:.3g}")
-            assert worst <= TOL
+            assert worst <= TOL_GROUPS_STATS
 
 
 def test_batchnorm_axis_name_equals_global_batch_statistics():
@@ -243,4 +252,4 @@ def test_batchnorm_axis_name_equals_global_batch_statistics():
     d_var = float(np.max(np.abs(np.asarray(new_stats["var"]) - tbn.running_var.numpy())))
     d_mean = float(np.max(np.abs(np.asarray(new_stats["mean"]) - tbn.running_mean.numpy())))
     print(f"\n[BatchNorm axis_name] max|d y| {d:.3g}, running mean {d_mean:.3g}, running var {d_var:.3g}")
-    assert d <= 1e-5 and d_mean <= 1e-6 and d_var <= 1e-5
+    assert d <= 5e-6 and d_mean <= 1e-7 and d_var <= 1e-6  # measured 0.7e-6-1.4e-6, 1.5e-8, 1.2e-7
