@@ -14,13 +14,18 @@ count divides the padded class count).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from adaface_jax import parallel
+from adaface_jax.convert import convert
+from adaface_jax.errors import InputError
 
 
 class Checkpointer:
@@ -98,7 +103,7 @@ def restore_items(path: str, target_items: Any = None) -> dict:
     path = os.path.abspath(path)
     state_dir = os.path.join(path, "state")
     if not os.path.isdir(state_dir):
-        raise FileNotFoundError(f"{path} is not a checkpoint step directory (missing {state_dir})")
+        raise InputError(f"{path} is not a checkpoint step directory (missing {state_dir})")
     with ocp.StandardCheckpointer() as ckptr:
         if target_items is None:
             meta = ckptr.metadata(state_dir)
@@ -109,9 +114,10 @@ def restore_items(path: str, target_items: Any = None) -> dict:
         return ckptr.restore(state_dir, target_items)
 
 
-def find_step_dir(path: str, *, best: bool = False) -> Optional[str]:
+def find_step_dir(path: str, *, best: bool = False, step: Optional[int] = None) -> Optional[str]:
     """A training workdir, its ``checkpoints``/``best`` folder, or one step directory -> the step
-    directory to read (latest step, or the best one with ``best=True``); None when there is none."""
+    directory to read (the latest step, the best one with ``best=True``, or ``step``); None when there
+    is none."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "state")):
         return path
@@ -120,46 +126,135 @@ def find_step_dir(path: str, *, best: bool = False) -> Optional[str]:
             continue
         steps = sorted(int(d) for d in os.listdir(folder) if d.isdigit()
                        and os.path.isdir(os.path.join(folder, d, "state")))
+        if step is not None:
+            steps = [s for s in steps if s == step]
         if steps:
             return os.path.join(folder, str(steps[-1]))
     return None
 
 
-def load_trained(path: str, *, best: bool = False) -> tuple[dict, dict, dict]:
-    """One of our training checkpoints -> ``(variables, head, meta)`` as host numpy arrays.
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
 
-    ``variables`` = {'params', 'batch_stats'} of the backbone; ``head`` = {'kernel' (E, num_classes)
-    without the device padding, and the margin-head statistics}; ``meta`` = the step's JSON (arch,
-    num_classes, config, ...)."""
-    import json
 
-    import numpy as np
+def _read_step_meta(step_dir: str) -> dict:
+    """The JSON ``meta`` item of one step directory, through orbax (empty when the step has none)."""
+    if not os.path.isdir(os.path.join(step_dir, "meta")):
+        return {}
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            return dict(ckptr.restore(step_dir, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+    except Exception as e:  # noqa: BLE001  (orbax raises many kinds for a damaged step directory)
+        raise InputError(f"{step_dir}/meta: the checkpoint metadata cannot be read: {type(e).__name__}: "
+                         f"{_first_line(e)}") from e
 
-    step_dir = find_step_dir(path, best=best)
-    if step_dir is None:
-        raise FileNotFoundError(f"{path}: no training checkpoint (expected <workdir>/checkpoints/<step>/state)")
+
+@dataclasses.dataclass
+class LoadedWeights:
+    """What every reader of weights gets: ``arch``; ``variables`` = {'params', 'batch_stats'} of the
+    backbone (numpy); ``head`` = {'kernel' (E, C)[, 'batch_mean', 'batch_std']} or None; ``meta`` (input
+    size, width, source, and ``calibration`` when ``adaface-jax calibrate`` stored thresholds).
+    Unpacks as the tuple ``(arch, variables, head, meta)``."""
+
+    arch: str
+    variables: dict
+    head: Optional[dict]
+    meta: dict
+
+    def __iter__(self):
+        return iter((self.arch, self.variables, self.head, self.meta))
+
+
+def load_weights(path: str, arch: Optional[str] = None, *, step: Optional[int] = None,
+                 best: bool = False) -> LoadedWeights:
+    """THE weights loader: a released/Lightning PyTorch ``.ckpt`` (mapped on the fly, read safely), a
+    converted directory (``adaface-jax convert``) or a training workdir (its latest step, ``step=N``,
+    or the best one with ``best=True``). ``arch``, when given, must match what the weights hold.
+    Every failure is an ``InputError`` naming the path."""
+    from adaface_jax.deploy import calibration_file  # noqa: PLC0415  (deploy imports this module)
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, convert.META_NAME)):
+        loaded = _load_converted(path)
+    elif os.path.isdir(path):
+        step_dir = find_step_dir(path, best=best, step=step)
+        if step_dir is None:
+            which = f"step {step}" if step is not None else ("a best checkpoint" if best else "checkpoints/<step>/state")
+            raise InputError(f"{path}: {convert.META_NAME} missing and no {which}; expected a converted directory, "
+                             "a training workdir or a PyTorch .ckpt file")
+        loaded = _load_trained_step(step_dir)
+    else:
+        loaded = _load_torch(path, arch)
+    if arch is not None and arch != loaded.arch:
+        raise InputError(f"{path} holds {loaded.arch}, not the requested {arch}")
+    calibration = calibration_file.read(path)
+    if calibration is not None:
+        loaded.meta["calibration"] = calibration
+    return loaded
+
+
+def _load_torch(path: str, arch: Optional[str]) -> LoadedWeights:
+    arch, input_size, variables, head, extras = convert.map_torch_file(path, arch)
+    meta = convert.make_meta(arch, input_size, variables, head, source=os.path.basename(path), **extras)
+    return LoadedWeights(arch, variables, head, meta)
+
+
+def _load_converted(path: str) -> LoadedWeights:
+    path = os.path.abspath(path)
+    meta_path = os.path.join(path, convert.META_NAME)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise InputError(f"{meta_path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("arch") is None:
+        raise InputError(f"{meta_path}: expected a JSON object with an 'arch' field")
+    ckpt_dir = os.path.join(path, convert.CKPT_NAME)
+    if not os.path.isdir(ckpt_dir):
+        raise InputError(f"{path}: {convert.CKPT_NAME}/ missing next to {convert.META_NAME}")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(ckpt_dir)
+    except Exception as e:  # noqa: BLE001  (orbax raises many kinds for a damaged directory)
+        raise InputError(f"{ckpt_dir}: the converted checkpoint cannot be read (incomplete or corrupt?): "
+                         f"{type(e).__name__}: {_first_line(e)}") from e
+    tree = jax.tree_util.tree_map(np.asarray, tree)
+    if not isinstance(tree, dict) or "params" not in tree or "batch_stats" not in tree:
+        raise InputError(f"{ckpt_dir}: expected 'params' and 'batch_stats' in the converted checkpoint")
+    variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    return LoadedWeights(meta["arch"], variables, tree.get("head"), meta)
+
+
+def _load_trained_step(step_dir: str) -> LoadedWeights:
+    """One of our training checkpoints: the backbone, the head without its device padding, and meta."""
     try:
         items = jax.device_get(restore_items(step_dir))
     except Exception as e:  # noqa: BLE001  (orbax raises many kinds for a damaged step directory)
-        from adaface_jax.errors import InputError
-
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise InputError(f"{step_dir}: the training checkpoint cannot be read (incomplete or corrupt?): "
-                         f"{type(e).__name__}: {first}") from e
-    meta = {}
-    meta_path = os.path.join(step_dir, "meta", "metadata")
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except ValueError as e:
-            from adaface_jax.errors import InputError
-
-            raise InputError(f"{meta_path}: not valid JSON ({e})") from e
+                         f"{type(e).__name__}: {_first_line(e)}") from e
+    train_meta = _read_step_meta(step_dir)
+    got_arch = train_meta.get("arch")
+    if not got_arch:
+        raise InputError(f"{step_dir}: checkpoint metadata names no arch")
     kernel = np.asarray(items["params"]["head"]["kernel"])
-    if meta.get("num_classes"):
-        kernel = kernel[:, : int(meta["num_classes"])]  # drop the columns padded for the device count
+    if train_meta.get("num_classes"):
+        kernel = kernel[:, : int(train_meta["num_classes"])]  # drop the columns padded for the device count
     head = {"kernel": kernel, **{k: np.asarray(v) for k, v in dict(items.get("head_state") or {}).items()}}
     variables = {"params": items["params"]["backbone"], "batch_stats": items["batch_stats"]}
-    meta["step_dir"] = step_dir
-    return variables, head, meta
+    config = train_meta.get("config", {})
+    size = int(config.get("data", {}).get("image_size", 112))
+    meta = convert.make_meta(got_arch, size, variables, head, source=step_dir,
+                             width=int(config.get("model", {}).get("width", 64)))
+    meta["training"] = {**train_meta, "step_dir": step_dir}
+    return LoadedWeights(got_arch, variables, head, meta)
+
+
+def load_trained(path: str, *, best: bool = False) -> tuple[dict, dict, dict]:
+    """One of our training checkpoints -> ``(variables, head, meta)`` (``load_weights`` in the old
+    shape; ``meta`` is the step's own JSON: arch, num_classes, config, ... plus ``step_dir``)."""
+    step_dir = find_step_dir(path, best=best)
+    if step_dir is None:
+        raise InputError(f"{path}: no training checkpoint (expected <workdir>/checkpoints/<step>/state)")
+    loaded = _load_trained_step(step_dir)
+    return loaded.variables, loaded.head, loaded.meta["training"]

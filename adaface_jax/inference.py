@@ -82,9 +82,9 @@ def load_pretrained(path: str, arch: Optional[str] = None, dtype=jnp.float32,
                     batch_size: int = 64) -> PretrainedModel:
     """A released/Lightning ``.ckpt`` (converted on the fly, safely), a converted directory, or one
     of our training workdirs (its latest checkpoint)."""
-    from adaface_jax.convert.convert import load_any
+    from adaface_jax.checkpoint import load_weights
 
-    arch, variables, head, meta = load_any(path, arch)
+    arch, variables, head, meta = load_weights(path, arch)
     input_size = int(meta.get("input_size", [112])[0])
     module = build_model(arch, input_size=input_size, dtype=dtype, width=int(meta.get("width", 64)))
     return PretrainedModel(arch=arch, variables=variables, meta=meta, module=module, head=head,

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from adaface_jax.checkpoint import load_weights
 from adaface_jax.cli import main
 from adaface_jax.convert import (CheckpointMismatchError, CheckpointReadError, UnsafeCheckpointError,
-                                 export_state_dict, load_converted, read_torch_checkpoint,
+                                 export_state_dict, read_torch_checkpoint,
                                  state_dict_to_variables)
 from adaface_jax.heads import AdaFaceState
 from adaface_jax.inference import load_pretrained, to_input
@@ -87,7 +88,7 @@ def test_convert_writes_orbax_and_meta(reference, converted):
     assert meta["arch"] == "ir_18" and meta["input_size"] == [112, 112]
     assert meta["channel_order"] == "BGR" and meta["embedding_size"] == 512
     assert meta["head_num_classes"] == NUM_CLASSES and meta["source_sha256"] == sha
-    arch, variables, head, meta2 = load_converted(str(converted))
+    arch, variables, head, meta2 = load_weights(str(converted))
     assert arch == "ir_18" and meta2 == meta
     sd = reference["sd"]
     np.testing.assert_array_equal(head["kernel"], sd["head.kernel"].numpy())
@@ -270,7 +271,7 @@ def test_full_lightning_checkpoint_loads_through_restricted_unpickler(reference,
     assert obj["epoch"] == 3 and obj["lr_schedulers"][0]["milestones"] == {12: 1, 20: 1}
     out = tmp_path / "converted"
     assert main(["convert", str(path), str(out)]) == 0
-    _, variables, head, meta = load_converted(str(out))
+    _, variables, head, meta = load_weights(str(out))
     assert meta["arch"] == "ir_18" and head["kernel"].shape == (512, NUM_CLASSES)
     np.testing.assert_array_equal(variables["params"]["output_layer_3"]["bias"],
                                   sd["model.output_layer.3.bias"].numpy())

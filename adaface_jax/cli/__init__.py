@@ -123,9 +123,11 @@ def parse_command(argv: list[str]):
 
 def _quiet_native_logs() -> None:
     """TensorFlow prints start-up notices to stderr from C++ before its log level applies (the oneDNN
-    notice among them); a command's stderr should hold only what the command has to say. TF's oneDNN
-    rewrites matter for its convolutions and matmuls, which the input pipeline does not rely on."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    notice among them), and libjpeg's complaints about a broken file that the pipeline then reports
+    itself; a command's stderr should hold only what the command has to say (set the variables to
+    see them). TF's oneDNN rewrites matter for its convolutions and matmuls, which the input pipeline
+    does not rely on."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 

@@ -45,11 +45,12 @@ def export_to_file(src: str, out: str, include_head: bool = True) -> int:
     """Write ``{'state_dict': ...}`` atomically; returns the number of keys."""
     import torch
 
-    from adaface_jax.convert.convert import export_state_dict, load_any, to_torch_state_dict
+    from adaface_jax.checkpoint import load_weights
+    from adaface_jax.convert.convert import export_state_dict, to_torch_state_dict
     from adaface_jax.io import atomic_write, check_output_file
 
     out = check_output_file(out)
-    _, variables, head, meta = load_any(src)
+    _, variables, head, meta = load_weights(src)
     sd = export_state_dict(variables["params"], variables["batch_stats"], head if include_head else None,
                            num_batches_tracked=int(meta.get("num_batches_tracked", 0)))
     with atomic_write(out) as f:
@@ -60,7 +61,7 @@ def export_to_file(src: str, out: str, include_head: bool = True) -> int:
 def export_graph(src: str, out: str, fmt: str, *, layout: str = "NHWC", channel_order: str = "BGR",
                  dtype: str = "float32", include_norm: bool = True) -> dict:
     """ONNX or SavedModel export of a model; returns its input contract."""
-    from adaface_jax.convert.convert import load_any
+    from adaface_jax.checkpoint import load_weights
     from adaface_jax.errors import InputError
     from adaface_jax.io import check_output_dir, check_output_file
 
@@ -77,7 +78,7 @@ def export_graph(src: str, out: str, fmt: str, *, layout: str = "NHWC", channel_
             raise InputError(f"{out}: exists and is not empty; a SavedModel is written into a new folder")
         if not os.path.isdir(os.path.dirname(out)):
             raise InputError(f"{out}: its folder {os.path.dirname(out)} does not exist")
-    arch, variables, _, meta = load_any(src)
+    arch, variables, _, meta = load_weights(src)
     kw = dict(width=int(meta.get("width", 64)), input_size=int(meta.get("input_size", [112])[0]), layout=layout,
               channel_order=channel_order, include_norm=include_norm)
     if fmt == "onnx":

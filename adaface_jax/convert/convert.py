@@ -249,7 +249,10 @@ def sha256_of(path: str) -> str:
 
 
 def make_meta(arch: str, input_size: int, variables: Mapping, head: Optional[Mapping], **extra) -> dict:
-    emb = int(np.shape(variables["params"]["output_layer_3"]["kernel"])[1])
+    if "output_layer_3" in variables["params"]:
+        emb = int(np.shape(variables["params"]["output_layer_3"]["kernel"])[1])
+    else:  # another backbone (the 'tiny' test arch): the head's embedding side, if any
+        emb = int(np.shape(head["kernel"])[0]) if head and "kernel" in head else None
     meta = {
         "format_version": FORMAT_VERSION,
         "arch": arch,
@@ -298,105 +301,19 @@ def save_converted(out_dir: str, arch: str, input_size: int, variables: Mapping,
     return meta
 
 
-def load_converted(path: str):
-    """A converted directory -> ``(arch, variables, head, meta)`` with numpy arrays."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path)
-    meta_path = os.path.join(path, META_NAME)
-    if not os.path.isfile(meta_path):
-        raise InputError(f"{path}: not a converted AdaFace checkpoint ({META_NAME} missing)")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except ValueError as e:
-        raise InputError(f"{meta_path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("arch") is None:
-        raise InputError(f"{meta_path}: expected a JSON object with an 'arch' field")
-    ckpt_dir = os.path.join(path, CKPT_NAME)
-    if not os.path.isdir(ckpt_dir):
-        raise InputError(f"{path}: {CKPT_NAME}/ missing next to {META_NAME}")
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.restore(ckpt_dir)
-    except Exception as e:  # noqa: BLE001  (orbax raises many kinds for a damaged directory)
-        raise InputError(f"{ckpt_dir}: the converted checkpoint cannot be read (incomplete or corrupt?): "
-                         f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-    tree = _as_numpy_tree(tree)
-    if not isinstance(tree, dict) or "params" not in tree or "batch_stats" not in tree:
-        raise InputError(f"{ckpt_dir}: expected 'params' and 'batch_stats' in the converted checkpoint")
-    variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
-    return meta["arch"], variables, tree.get("head"), meta
-
-
-def _as_numpy_tree(tree):
-    if isinstance(tree, Mapping):
-        return {k: _as_numpy_tree(v) for k, v in tree.items()}
-    return np.asarray(tree)
-
-
 def convert_checkpoint(src: str, out_dir: str, arch: Optional[str] = None, force: bool = False) -> dict:
     """``.ckpt`` -> converted directory; returns the written meta."""
-    obj = read_torch_checkpoint(src)
-    sd = extract_state_dict(obj, src)
-    arch, input_size, variables, head, extras = _map_named(sd, arch, src)
+    arch, input_size, variables, head, extras = map_torch_file(src, arch)
     meta_extra = {"source": os.path.basename(src), "source_sha256": sha256_of(src), **extras}
     return save_converted(out_dir, arch, input_size, variables, head, meta_extra, force=force)
 
 
-def _map_named(sd, arch, source):
-    """state_dict_to_variables with the file name in front of any error message."""
+def map_torch_file(path: str, arch: Optional[str] = None):
+    """A PyTorch ``.ckpt`` read safely and mapped strictly: ``state_dict_to_variables``'s result, with
+    the file name in front of any error message (the error keeps its type)."""
+    sd = extract_state_dict(read_torch_checkpoint(path), path)
     try:
         return state_dict_to_variables(sd, arch)
     except ValueError as e:
-        e.args = (f"{source}: {e.args[0] if e.args else e}",) + e.args[1:]
+        e.args = (f"{path}: {e.args[0] if e.args else e}",) + e.args[1:]
         raise
-
-
-def load_any(path: str, arch: Optional[str] = None):
-    """A ``.ckpt`` file, a converted directory or one of our training workdirs (latest checkpoint)
-    -> ``(arch, variables, head, meta)``; ``meta['calibration']`` holds the model's calibrated
-    thresholds when ``adaface-jax calibrate`` stored some (see ``adaface_jax.deploy.calibration_file``)."""
-    from adaface_jax.deploy import calibration_file
-
-    arch, variables, head, meta = _load_weights(path, arch)
-    calibration = calibration_file.read(path)
-    if calibration is not None:
-        meta["calibration"] = calibration
-    return arch, variables, head, meta
-
-
-def _load_weights(path: str, arch: Optional[str] = None):
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, META_NAME)):
-        from adaface_jax.checkpoint import find_step_dir
-
-        if find_step_dir(path) is not None:
-            return _load_training_checkpoint(path, arch)
-        raise InputError(f"{path}: {META_NAME} missing and no checkpoints/<step>/state; expected a converted "
-                         "directory, a training workdir or a PyTorch .ckpt file")
-    if os.path.isdir(path):
-        got = load_converted(path)
-        if arch is not None and arch != got[0]:
-            raise InputError(f"{path} holds {got[0]}, not the requested {arch}")
-        return got
-    sd = extract_state_dict(read_torch_checkpoint(path), path)
-    arch, input_size, variables, head, extras = _map_named(sd, arch, path)
-    meta = make_meta(arch, input_size, variables, head, source=os.path.basename(path), **extras)
-    return arch, variables, head, meta
-
-
-def _load_training_checkpoint(path: str, arch: Optional[str]):
-    """A training workdir/step directory in the same ``(arch, variables, head, meta)`` form."""
-    from adaface_jax.checkpoint import load_trained
-
-    variables, head, train_meta = load_trained(path)
-    got_arch = train_meta.get("arch")
-    if not got_arch:
-        raise InputError(f"{path}: checkpoint metadata names no arch")
-    if arch is not None and arch != got_arch:
-        raise InputError(f"{path} holds {got_arch}, not the requested {arch}")
-    model_cfg = train_meta.get("config", {}).get("model", {})
-    size = int(train_meta.get("config", {}).get("data", {}).get("image_size", 112))
-    meta = make_meta(got_arch, size, variables, head, source=train_meta.get("step_dir", path),
-                     width=int(model_cfg.get("width", 64)))
-    return got_arch, variables, head, meta

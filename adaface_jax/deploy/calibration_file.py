@@ -4,7 +4,7 @@
 * a training workdir (or one of its step folders): ``<workdir>/calibration.json``;
 * a PyTorch ``.ckpt`` (never rewritten): the sidecar ``<file>.calibration.json``.
 
-``adaface_jax.convert.convert.load_any`` returns it as ``meta['calibration']``, so ``compare`` and the
+``adaface_jax.checkpoint.load_weights`` returns it as ``meta['calibration']``, so ``compare`` and the
 exporters find it wherever the model came from.
 """
 from __future__ import annotations
