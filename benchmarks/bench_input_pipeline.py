@@ -5,6 +5,10 @@ same work (decode JPEG, BGR, the §5.5 augmentations at recipe probabilities, no
 
 Prints images/s, images/s per core and the ratio ours/reference for decode-only and full augmentation.
 Targets: >= 2x the reference and >= 1000 images/s/core. Numbers vary with other load on the machine.
+
+Also prints the cost of decoding JPEG exactly as the original (dct_method='INTEGER_ACCURATE', bit-exact with
+cv2.imdecode; what data_pipeline.input.decode_any does) against TensorFlow's default fast IDCT, and of the
+rebuild of a batch holding an undecodable record (safe_decode; used only for such batches).
 """
 import argparse
 import math
@@ -104,6 +108,47 @@ def time_ours(data_dir, augment, cores, batch, batches):
     return batches * batch / (time.perf_counter() - start)
 
 
+def time_jpeg_decode(encoded, batch, batches):
+    """images/s of a per-batch map_fn decode, (fast IDCT, INTEGER_ACCURATE, decode_any with its format test)."""
+    import tensorflow as tf
+
+    from data_pipeline.input import decode_any
+    data = tf.constant(encoded[:batch])
+
+    def timed(fn):
+        f = tf.function(lambda x: tf.map_fn(fn, x, fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8)))
+        f(data)
+        start = time.perf_counter()
+        for _ in range(batches):
+            f(data)
+        return batches * batch / (time.perf_counter() - start)
+
+    fast = timed(lambda e: tf.io.decode_jpeg(e, channels=3))
+    accurate = timed(lambda e: tf.io.decode_jpeg(e, channels=3, dct_method="INTEGER_ACCURATE"))
+    ours = timed(decode_any)
+    return fast, accurate, ours
+
+
+def time_safe_batches(data_dir, cores, batch, batches):
+    """images/s of whole batches through the safe (bad-record tolerant) decode path."""
+    import tensorflow as tf
+
+    from data_pipeline.input import TrainInputConfig, make_train_dataset
+    cfg = TrainInputConfig(data_dir=data_dir, global_batch_size=batch, seed=0, augment=False,
+                           num_parallel_calls=cores, threads=cores, shuffle_buffer=2048)
+    result = []
+    for safe in (False, True):
+        it = make_train_dataset(cfg, safe_decode=safe).as_numpy_iterator()
+        for _ in range(3):
+            next(it)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        result.append(batches * batch / (time.perf_counter() - start))
+    del tf
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
@@ -130,6 +175,12 @@ def main():
     print(f"{len(encoded)} JPEG images of {np.mean([len(e) for e in encoded]) / 1024:.1f} KiB, cores={args.cores}, "
           f"batch={args.batch}, batches={args.batches}")
     print(f"{'mode':<14}{'ours img/s':>12}{'ours /core':>12}{'ref img/s':>12}{'ref /core':>12}{'ratio':>8}")
+    fast, accurate, ours = time_jpeg_decode(encoded, args.batch, args.batches)
+    print(f"JPEG decode (one thread, map_fn over a batch): fast IDCT {fast:.0f} img/s, INTEGER_ACCURATE "
+          f"{accurate:.0f} img/s (cost x{fast / accurate:.2f}), decode_any {ours:.0f} img/s (x{fast / ours:.2f})")
+    normal, safe = time_safe_batches(data_dir, args.cores, args.batch, args.batches)
+    print(f"batch decode path: normal {normal:.0f} img/s, safe (bad-record rebuild) {safe:.0f} img/s "
+          f"(x{normal / safe:.2f}; used only for a batch that failed)")
     for name, augment in (("decode-only", False), ("full-augment", True)):
         ours = time_ours(data_dir, augment, args.cores, args.batch, args.batches)
         ref = time_reference(encoded, labels, augment, args.cores, args.batch, args.batches)

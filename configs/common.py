@@ -52,6 +52,7 @@ def get_base_config(arch: str = "ir_50", num_classes: int = 85742, data_dir: str
     c.data.lowres_prob = 0.2
     c.data.photometric_prob = 0.2
     c.data.flip_prob = 0.5
+    c.data.max_bad_records = 100  # undecodable training records replaced before the run stops (see `adaface-jax check`)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_epochs = 1      # 0 disables validation

@@ -16,6 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from adaface_jax.errors import InputError
+
 IMAGE_SIZE = 112
 
 # (module, name) pairs the unpickler may resolve: numpy's array reconstruction in numpy 1.x and 2.x.
@@ -32,7 +34,7 @@ _ARRAY_GLOBALS = {
 _ALLOWED_DTYPES = (np.dtype(np.uint8), np.dtype(np.bool_))
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, InputError):
     """The pickle asked for something other than bytes, lists, bools or uint8/bool numpy arrays."""
 
 
@@ -77,23 +79,31 @@ def safe_unpickle_bin(path: str) -> tuple[list, np.ndarray]:
     """Returns (list of encoded images as bytes-like, issame bool array) from a .bin file, safely."""
     path = os.fspath(path)
     with open(path, "rb") as f:
-        payload = _RestrictedUnpickler(io.BufferedReader(f), path).load()
+        try:
+            payload = _RestrictedUnpickler(io.BufferedReader(f), path).load()
+        except InputError:
+            raise
+        except Exception as err:  # noqa: BLE001  (anything a damaged or foreign file makes pickle raise)
+            size = os.path.getsize(path)
+            raise InputError(f"{path}: not a .bin verification set: it is not a readable pickle ({size} bytes; "
+                             f"{type(err).__name__}: {err}); expected pickle((list of encoded images, list of "
+                             "bools))") from None
     if not isinstance(payload, (tuple, list)) or len(payload) != 2:
-        raise ValueError(f"{path}: expected a pickled 2-tuple (bins, issame_list), got {type(payload).__name__}"
+        raise InputError(f"{path}: expected a pickled 2-tuple (bins, issame_list), got {type(payload).__name__}"
                          + (f" of length {len(payload)}" if isinstance(payload, (tuple, list)) else ""))
     bins, issame = payload
     if isinstance(bins, np.ndarray) and bins.dtype == np.uint8 and bins.ndim == 2:
         bins = list(bins)
     if not isinstance(bins, (list, tuple)):
-        raise ValueError(f"{path}: expected a list of encoded images, got {type(bins).__name__}")
+        raise InputError(f"{path}: expected a list of encoded images, got {type(bins).__name__}")
     issame = np.asarray(issame)
     if issame.dtype != np.bool_:
         if issame.size and not np.isin(issame, (0, 1)).all():
-            raise ValueError(f"{path}: issame_list must hold bools, got dtype {issame.dtype}")
+            raise InputError(f"{path}: issame_list must hold bools, got dtype {issame.dtype}")
         issame = issame.astype(bool)
     issame = issame.reshape(-1)
     if len(bins) != 2 * len(issame):
-        raise ValueError(f"{path}: {len(bins)} images but {len(issame)} pairs; expected 2 images per pair")
+        raise InputError(f"{path}: {len(bins)} images but {len(issame)} pairs; expected 2 images per pair")
     return list(bins), issame
 
 
@@ -102,7 +112,7 @@ def _as_buffer(element: Any, path: str, index: int) -> np.ndarray:
         return np.frombuffer(element, dtype=np.uint8)
     if isinstance(element, np.ndarray) and element.dtype == np.uint8 and element.size == max(element.shape, default=0):
         return element.reshape(-1)  # InsightFace's own files hold (n,) or (n, 1) uint8 arrays
-    raise ValueError(f"{path}: element {index} is {type(element).__name__}"
+    raise InputError(f"{path}: element {index} is {type(element).__name__}"
                      f"{'' if not isinstance(element, np.ndarray) else f' {element.dtype}{element.shape}'}; "
                      "expected encoded image bytes (bytes, bytearray or a 1-D/(n,1) uint8 array)")
 
@@ -111,15 +121,16 @@ def decode_bin_images(bins: list, path: str = "<bins>", image_size: int | None =
     """Decodes encoded images to a uint8 BGR array (n, H, W, 3); raises naming the element on failure."""
     images = None
     for index, element in enumerate(bins):
-        image = cv2.imdecode(_as_buffer(element, path, index), cv2.IMREAD_COLOR)
+        buffer = _as_buffer(element, path, index)
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None  # cv2 asserts on 0 bytes
         if image is None:
-            raise ValueError(f"{path}: element {index} is not a decodable image "
+            raise InputError(f"{path}: element {index} is not a decodable image "
                              f"({len(element)} bytes, starts with {bytes(element[:8])!r})")
         if images is None:
             shape = image.shape if image_size is None else (image_size, image_size, 3)
             images = np.empty((len(bins),) + tuple(shape), np.uint8)
         if image.shape != images.shape[1:]:
-            raise ValueError(f"{path}: element {index} decodes to shape {image.shape}, expected {images.shape[1:]}")
+            raise InputError(f"{path}: element {index} decodes to shape {image.shape}, expected {images.shape[1:]}")
         images[index] = image
     if images is None:
         images = np.empty((0, image_size or IMAGE_SIZE, image_size or IMAGE_SIZE, 3), np.uint8)

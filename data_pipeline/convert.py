@@ -5,6 +5,15 @@ processes, each through a temporary name and a rename, and a finished shard leav
 (plan hash + sha256). Rerunning an interrupted conversion verifies those shards and writes only the rest.
 Image bytes are copied as stored (no re-encode); only formats TensorFlow cannot decode (e.g. PGM) are
 re-encoded losslessly to PNG, and the manifest counts them.
+
+Every image is decoded once, completely, with the training decoder (data_pipeline.input.decode_any,
+TensorFlow) in the worker that writes it: TensorFlow and OpenCV disagree on damaged files (a truncated
+JPEG decodes in OpenCV with a grey bottom but fails in TensorFlow), and a file TensorFlow cannot decode
+would otherwise stop training mid-epoch. Such an image stops the conversion naming it, or with
+skip_corrupt is left out and listed in the manifest.
+
+A folder that holds a finished dataset (manifest.json) or an unfinished conversion is only written to
+again for the same source (kind, path and content plan); anything else needs force=True.
 """
 from __future__ import annotations
 
@@ -15,10 +24,13 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import time
 from typing import Callable
 
 import numpy as np
+
+from adaface_jax.errors import InputError
 
 from . import manifest as manifest_lib
 from . import recordio
@@ -26,6 +38,7 @@ from .tfrecord import file_sha256, make_example, shard_filename, write_tfrecord_
 
 DEFAULT_SHARD_BYTES = 150 * 1024 * 1024
 PROGRESS_DIR = ".progress"
+SOURCE_FILE = "source.json"  # in PROGRESS_DIR: the source an unfinished conversion is writing
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -57,29 +70,115 @@ def sniff_image_format(data: bytes) -> str | None:
     return None
 
 
+def read_property(path: str) -> tuple[int, int, int]:
+    """InsightFace `property` file: "num_classes,height,width" -> ints; raises naming the file."""
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+        if len(values) != 3 or min(values) <= 0:
+            raise ValueError
+    except ValueError:
+        raise InputError(f"{path}: expected 'num_classes,height,width' (three positive integers), got {text[:80]!r}") \
+            from None
+    return values
+
+
+def resolve_rec(src: str, idx_path: str | None = None) -> tuple[str, str | None, str | None]:
+    """(rec, idx or None, property or None) for a .rec file or an InsightFace dataset folder
+    (faces_emore/ holding train.rec, train.idx and property)."""
+    src = os.path.abspath(src)
+    if os.path.isdir(src):
+        rec = os.path.join(src, "train.rec")
+        if not os.path.isfile(rec):
+            recs = sorted(glob.glob(os.path.join(src, "*.rec")))
+            if len(recs) != 1:
+                raise InputError(f"{src}: expected an InsightFace dataset folder holding train.rec (+ train.idx, "
+                                 f"property); found {len(recs)} .rec files {[os.path.basename(r) for r in recs][:5]}")
+            rec = recs[0]
+    elif os.path.exists(src):
+        rec = src
+    else:
+        raise FileNotFoundError(2, "No such file or directory", src)
+    if idx_path is None:
+        guess = os.path.splitext(rec)[0] + ".idx"
+        idx_path = guess if os.path.exists(guess) else None
+    prop = os.path.join(os.path.dirname(rec), "property")
+    return rec, idx_path, prop if os.path.isfile(prop) else None
+
+
 def plan_rec(rec_path: str, idx_path: str | None = None, skip_corrupt: bool = False) -> SourcePlan:
-    """Images of an InsightFace .rec (§5.5 key rule); sizes from offsets. Without .idx the file is scanned."""
+    """Images of an InsightFace .rec (§5.5 key rule); sizes from offsets. Without .idx the file is scanned.
+
+    rec_path may be the dataset folder. A truncated file (records the .idx places at or past the end, or a
+    last record cut short) raises naming the record and byte offset; with skip_corrupt those records are
+    left out and listed. The `property` file next to the .rec ("num_classes,112,112") is cross-checked
+    against the header record and sets the class count."""
+    rec_path, idx_path, prop_path = resolve_rec(rec_path, idx_path)
+    prop = read_property(prop_path) if prop_path else None
     with recordio.RecordIOReader(rec_path, idx_path, skip_corrupt=skip_corrupt) as reader:
-        keys = reader.image_keys()
-        offsets = np.array([reader.offsets[k] for k in keys], np.int64)
-        all_offsets = np.array(sorted(reader.offsets.values()) + [reader.file_size], np.int64)
-        nxt = all_offsets[np.searchsorted(all_offsets, offsets, side="right")]
         scan_corrupt = [{"index": i, "offset": o, "reason": r} for i, o, r in reader.corrupt]
+        size = reader.file_size
+        past = sorted((o, k) for k, o in reader.offsets.items() if o >= size)
+        if past:
+            o, k = past[0]
+            msg = (f"{rec_path} is truncated or does not match {idx_path}: record {k} at byte offset {o} starts at "
+                   f"or past the end of the file ({size} bytes); {len(past)} of {len(reader.offsets)} indexed "
+                   "records are beyond the end")
+            if not skip_corrupt:
+                raise InputError(msg + " (pass --skip-corrupt to convert the readable ones)")
+            scan_corrupt += [{"index": k, "offset": o, "reason": f"past the end of the file ({size} bytes)"}
+                             for o, k in past]
+            for _, k in past:
+                del reader.offsets[k]
+        keys = reader.image_keys()
+        header_classes = None
+        if 0 in reader.offsets:
+            header, _ = reader.read_image_record(0)
+            if header.flag >= 2:
+                header_classes = int(header.label[1]) - int(header.label[0])
+        if keys:  # the record nearest the end is where a cut-short file shows: check it now, not mid-run
+            last = max(keys, key=lambda k: reader.offsets[k])
+            try:
+                reader.read_image_record(last)
+            except recordio.CorruptRecordError as err:
+                if not skip_corrupt:
+                    raise InputError(f"{rec_path} is truncated: {err} (pass --skip-corrupt to convert the "
+                                     "readable records)") from None
+                scan_corrupt.append({"index": last, "offset": reader.offsets[last], "reason": err.reason})
+                keys = [k for k in keys if k != last]
+        offsets = np.array([reader.offsets[k] for k in keys], np.int64)
+        all_offsets = np.array(sorted(reader.offsets.values()) + [size], np.int64)
+        nxt = all_offsets[np.searchsorted(all_offsets, offsets, side="right")]
         idx_used = reader.idx_path
-    return SourcePlan("rec", [(int(k), int(o)) for k, o in zip(keys, offsets)], nxt - offsets,
-                      {"kind": "rec", "path": os.path.abspath(rec_path), "idx": idx_used and os.path.abspath(idx_used),
-                       "scan_skipped_corrupt": scan_corrupt},
-                      {"rec_path": os.path.abspath(rec_path), "skip_corrupt": skip_corrupt})
+    num_classes = header_classes
+    if prop is not None:
+        if header_classes is not None and header_classes > 0 and header_classes != prop[0]:
+            raise InputError(f"{prop_path} says {prop[0]} classes but the header record of {rec_path} says "
+                             f"{header_classes}")
+        num_classes = prop[0]
+    if not keys:
+        raise InputError(f"{rec_path}: no readable image records")
+    source = {"kind": "rec", "path": rec_path, "idx": idx_used and os.path.abspath(idx_used), "bytes": size,
+              "scan_skipped_corrupt": scan_corrupt}
+    if prop is not None:
+        source["property"] = {"path": prop_path, "num_classes": prop[0], "image_size": list(prop[1:])}
+    plan = SourcePlan("rec", [(int(k), int(o)) for k, o in zip(keys, offsets)], nxt - offsets, source,
+                      {"rec_path": rec_path, "skip_corrupt": skip_corrupt})
+    if num_classes:
+        plan.params["num_classes"] = num_classes
+        plan.class_names = [str(i) for i in range(num_classes)]
+    return plan
 
 
 def plan_folder(root: str) -> SourcePlan:
     """One subfolder per identity; labels follow the lexicographic sort of folder names (like ImageFolder)."""
     root = os.path.abspath(root)
     if not os.path.isdir(root):
-        raise NotADirectoryError(f"image folder {root} does not exist")
+        raise InputError(f"image folder {root} " + ("is not a folder" if os.path.exists(root) else "does not exist"))
     class_names = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not class_names:
-        raise ValueError(f"{root}: no identity subfolders found (expected {root}/<identity>/<image>)")
+        raise InputError(f"{root}: no identity subfolders found (expected {root}/<identity>/<image>)")
     items = []
     for label, name in enumerate(class_names):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
@@ -87,7 +186,8 @@ def plan_folder(root: str) -> SourcePlan:
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
                     items.append((os.path.join(dirpath, fname), label, len(items)))
     if not items:
-        raise ValueError(f"{root}: no images with extensions {IMAGE_EXTENSIONS}")
+        raise InputError(f"{root}: no images with extensions {IMAGE_EXTENSIONS} in its {len(class_names)} "
+                         "identity subfolders")
     sizes = np.array([os.path.getsize(p) for p, _, _ in items], np.int64)
     return SourcePlan("files", items, sizes, {"kind": "folder", "path": root}, class_names=class_names)
 
@@ -95,8 +195,11 @@ def plan_folder(root: str) -> SourcePlan:
 def plan_list(list_path: str, root: str | None = None) -> SourcePlan:
     """A list file of `path<TAB>label` lines (paths relative to `root`, default: the list's folder)."""
     root = os.path.abspath(root or os.path.dirname(os.path.abspath(list_path)))
+    if os.path.isdir(list_path):
+        raise InputError(f"{list_path}: is a folder; expected a list file of 'path<TAB>label' lines "
+                         "(use `prepare folder` for a folder of identity subfolders)")
     items = []
-    with open(list_path) as f:
+    with open(list_path, encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -106,15 +209,17 @@ def plan_list(list_path: str, root: str | None = None) -> SourcePlan:
             try:
                 path, label = parts[0], int(parts[1])
             except (IndexError, ValueError):
-                raise ValueError(f"{list_path}:{line_no}: expected 'path<TAB>integer label', got {line.rstrip()!r}")
+                raise InputError(f"{list_path}:{line_no}: expected 'path<TAB>integer label', got "
+                                 f"{line.rstrip()[:200]!r}") from None
             if label < 0:
-                raise ValueError(f"{list_path}:{line_no}: negative label {label}")
+                raise InputError(f"{list_path}:{line_no}: negative label {label}; expected 0 <= label")
             full = path if os.path.isabs(path) else os.path.join(root, path)
-            if not os.path.exists(full):
-                raise FileNotFoundError(f"{list_path}:{line_no}: image {full} does not exist")
+            if not os.path.isfile(full):
+                raise InputError(f"{list_path}:{line_no}: image {full} "
+                                 + ("is not a file" if os.path.exists(full) else "does not exist"))
             items.append((full, label, len(items)))
     if not items:
-        raise ValueError(f"{list_path}: no entries")
+        raise InputError(f"{list_path}: no entries; expected 'path<TAB>integer label' lines")
     sizes = np.array([os.path.getsize(p) for p, _, _ in items], np.int64)
     return SourcePlan("files", items, sizes, {"kind": "list", "path": os.path.abspath(list_path), "root": root})
 
@@ -141,48 +246,160 @@ def _tick(n: int) -> None:
             _COUNTER.value += n
 
 
+_DECODE_CHECK = None
+
+
+def training_decode_error(data: bytes) -> str | None:
+    """None if `data` decodes completely with the training decoder (data_pipeline.input.decode_any), else
+    TensorFlow's reason in one line."""
+    global _DECODE_CHECK
+    import tensorflow as tf  # noqa: PLC0415
+
+    if _DECODE_CHECK is None:
+        from .input import decode_any, hide_gpus_from_tf  # noqa: PLC0415
+        hide_gpus_from_tf()
+        _DECODE_CHECK = tf.function(lambda e: tf.shape(decode_any(e)),
+                                    input_signature=[tf.TensorSpec([], tf.string)]).get_concrete_function()
+    if not data:
+        return "empty (0 bytes)"
+    try:
+        _DECODE_CHECK(tf.constant(data))
+    except tf.errors.OpError as err:
+        return f"does not decode with TensorFlow ({tf_error_text(err)})"
+    return None
+
+
+_BATCH_CHECK = None
+
+
+def training_decode_errors(datas: list) -> dict:
+    """{position: reason} for the encoded images of `datas` that do not decode completely with the training
+    decoder; one TensorFlow call for the whole list (per-image calls cost ~3x more), then the failures alone
+    again for their reasons."""
+    global _BATCH_CHECK
+    import tensorflow as tf  # noqa: PLC0415
+
+    if not datas:
+        return {}
+    if _BATCH_CHECK is None:
+        from .input import decode_any, hide_gpus_from_tf  # noqa: PLC0415
+        hide_gpus_from_tf()
+
+        def good_positions(batch):
+            n = tf.shape(batch)[0]
+            ok = tf.data.Dataset.from_tensor_slices((tf.range(n), batch)).map(
+                lambda i, e: (i, tf.shape(decode_any(e)))).ignore_errors()
+            none = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int32), tf.zeros([0, 3], tf.int32)))
+            return ok.batch(1 << 30).concatenate(none).take(1).get_single_element()[0]
+
+        _BATCH_CHECK = tf.function(good_positions, input_signature=[tf.TensorSpec([None], tf.string)])
+    good = set(_BATCH_CHECK(tf.constant(list(datas))).numpy().tolist())
+    return {i: training_decode_error(d) or "does not decode with TensorFlow"
+            for i, d in enumerate(datas) if i not in good}
+
+
+def tf_error_text(err) -> str:
+    """A TensorFlow OpError's message without graph-node decorations, on one line."""
+    import re  # noqa: PLC0415
+    text = re.sub(r"\{\{[^}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", " ", str(getattr(err, "message", err)), flags=re.S)
+    return " ".join(text.split())[:200] or type(err).__name__
+
+
 # Producers yield one entry per planned item: (encoded bytes, label, source index, quality or None), or None
 # for an item skipped as corrupt; _examples does the bookkeeping shared by all of them.
 
+CHECK_CHUNK = 256  # images decode-checked per TensorFlow call
+
+
+def _chunks(items: list, size: int = CHECK_CHUNK):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _read_rec_item(reader, path: str, key: int, offset: int, num_classes):
+    """(payload, label) of one record; CorruptRecordError when framing, header, format or label is bad."""
+    try:
+        header, payload = recordio.unpack(reader.read_record(offset, key))
+        label = recordio.header_label(header)
+    except ValueError as err:
+        if isinstance(err, recordio.CorruptRecordError):
+            raise
+        raise recordio.CorruptRecordError(path, key, offset, str(err)) from None
+    if sniff_image_format(payload) is None:
+        raise recordio.CorruptRecordError(path, key, offset, f"payload is not an image (starts with {payload[:8]!r})")
+    if label < 0 or (num_classes and label >= num_classes):
+        raise recordio.CorruptRecordError(path, key, offset, f"label {label} outside [0, {num_classes})")
+    return payload, label
+
+
 def _records_rec(task: dict, stats: dict):
-    path = task["params"]["rec_path"]
+    params = task["params"]
+    path, num_classes = params["rec_path"], params.get("num_classes")
     reader = _READERS.get(path)
     if reader is None:
         reader = _READERS[path] = recordio.RecordIOReader(path, offsets={})
-    for key, offset in task["items"]:
-        try:
-            header, payload = recordio.unpack(reader.read_record(offset, key))
-            if sniff_image_format(payload) is None:
-                raise recordio.CorruptRecordError(path, key, offset,
-                                                  f"payload is not an image (starts with {payload[:8]!r})")
-        except (recordio.CorruptRecordError, ValueError) as err:
-            if not isinstance(err, recordio.CorruptRecordError):
-                err = recordio.CorruptRecordError(path, key, offset, str(err))
-            if not task["params"].get("skip_corrupt"):
-                raise err from None
-            stats["skipped"].append({"index": key, "offset": offset, "reason": err.reason})
-            yield None
-            continue
-        yield payload, recordio.header_label(header), key, None
+    for chunk in _chunks(task["items"]):
+        entries = []  # (key, offset, payload, label) or (key, offset, CorruptRecordError)
+        for key, offset in chunk:
+            try:
+                entries.append((key, offset, *_read_rec_item(reader, path, key, offset, num_classes)))
+            except recordio.CorruptRecordError as err:
+                entries.append((key, offset, err))
+        if params.get("verify", True):
+            readable = [i for i, e in enumerate(entries) if len(e) == 4]
+            for pos, reason in training_decode_errors([entries[i][2] for i in readable]).items():
+                key, offset = entries[readable[pos]][:2]
+                entries[readable[pos]] = (key, offset, recordio.CorruptRecordError(path, key, offset,
+                                                                                    f"image {reason}"))
+        for entry in entries:
+            if len(entry) == 3:
+                err = entry[2]
+                if not params.get("skip_corrupt"):
+                    raise err  # CorruptRecordError: an InputError naming the file, record and byte offset
+                stats["skipped"].append({"index": entry[0], "offset": entry[1], "reason": err.reason})
+                yield None
+                continue
+            key, _, payload, label = entry
+            yield payload, label, key, None
+
+
+def _file_problem(path: str, stats: dict) -> tuple[bytes | None, str | None, bool]:
+    """(bytes to store, None, needs the TensorFlow decode check) or (None, why the file is unusable, False)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        return None, f"unreadable ({err.strerror or err})", False
+    if not data:
+        return None, "empty file (0 bytes)", False
+    if sniff_image_format(data) is None:  # e.g. PGM: re-encode losslessly so TF can decode it
+        import cv2  # noqa: PLC0415
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            return None, (f"not an image TensorFlow or OpenCV can decode ({len(data)} bytes, starts with "
+                          f"{data[:8]!r})"), False
+        stats["re_encoded"] += 1
+        return cv2.imencode(".png", image)[1].tobytes(), None, False
+    return data, None, True
 
 
 def _records_files(task: dict, stats: dict):
-    import cv2  # noqa: PLC0415
-
-    for path, label, index in task["items"]:
-        with open(path, "rb") as f:
-            data = f.read()
-        if sniff_image_format(data) is None:  # e.g. PGM: re-encode losslessly so TF can decode it
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-            if image is None:
+    verify = task["params"].get("verify", True)
+    for chunk in _chunks(task["items"]):
+        entries = [(item, *_file_problem(item[0], stats)) for item in chunk]
+        if verify:
+            checked = [i for i, e in enumerate(entries) if e[3]]
+            for pos, reason in training_decode_errors([entries[i][1] for i in checked]).items():
+                item, data = entries[checked[pos]][:2]
+                entries[checked[pos]] = (item, None, f"{reason}, {len(data)} bytes", False)
+        for (path, label, index), data, reason, _ in entries:
+            if reason is not None:
                 if task["params"].get("skip_corrupt"):
-                    stats["skipped"].append({"index": index, "path": path, "reason": "not a decodable image"})
+                    stats["skipped"].append({"index": index, "path": path, "reason": reason})
                     yield None
                     continue
-                raise ValueError(f"{path}: not a decodable image ({len(data)} bytes)")
-            data = cv2.imencode(".png", image)[1].tobytes()
-            stats["re_encoded"] += 1
-        yield data, label, index, None
+                raise InputError(f"{path}: {reason} (pass --skip-corrupt to skip and count such images)")
+            yield data, label, index, None
 
 
 def _records_synthetic(task: dict, stats: dict):
@@ -256,13 +473,75 @@ def _finished(task: dict) -> dict | None:
 
 def _progress_bar(total: int, desc: str):
     from tqdm import tqdm  # noqa: PLC0415
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1)
+    # disable=None: only on a terminal, so logs and captured stderr hold just the result (or one error line)
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1, disable=None)
+
+
+def describe_source(source: dict) -> str:
+    kind = source.get("kind", "?")
+    if kind == "synthetic":
+        return "synthetic " + " ".join(f"{k}={source.get(k)}" for k in ("seed", "num_identities",
+                                                                         "images_per_identity", "identity_offset"))
+    return f"{kind} {source.get('path')}"
+
+
+def source_fingerprint(plan: SourcePlan) -> str:
+    """Identifies the source and its content plan (paths/offsets, byte sizes): equal only for the same data."""
+    source = {k: v for k, v in plan.source.items() if k != "scan_skipped_corrupt"}
+    digest = hashlib.sha1(json.dumps([plan.kind, source], sort_keys=True, default=str).encode())
+    digest.update(repr(plan.items).encode())
+    digest.update(np.asarray(plan.sizes, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # present but unreadable: treated as a foreign source
+
+
+def check_output_dir(out_dir: str, source: dict, force: bool = False, fingerprint: str | None = None) -> None:
+    """Refuses (InputError) to write into out_dir when it holds a finished dataset (or an unfinished conversion)
+    of another source: another kind or path, or (given `fingerprint`) other content. force=True allows it."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"output {out_dir} exists and is not a folder")
+    if force:
+        return
+    for path, what in ((os.path.join(out_dir, manifest_lib.MANIFEST_NAME), "a finished dataset"),
+                       (os.path.join(out_dir, PROGRESS_DIR, SOURCE_FILE), "an unfinished conversion")):
+        old = _read_json(path)
+        if old is None:
+            continue
+        old_source = (old.get("source") if isinstance(old, dict) else None) or {}
+        same = all(old_source.get(k) == source.get(k) for k in ("kind", "path")) and \
+            (source.get("kind") != "synthetic" or describe_source(old_source) == describe_source(source))
+        if same and fingerprint is not None and old_source.get("fingerprint") not in (None, fingerprint):
+            raise InputError(f"{out_dir} holds {what} of {describe_source(old_source)}, whose content has changed "
+                             "since (other records, sizes or files); pass --force to replace it")
+        if not same:
+            raise InputError(f"{out_dir} holds {what} of {describe_source(old_source) if old_source else path}; "
+                             f"refusing to replace it with {describe_source(source)} (pass --force to replace "
+                             "it, or choose another output folder)")
+
+
+def _clean_temporaries(out_dir: str, name: str) -> None:
+    for stale in glob.glob(os.path.join(out_dir, f"{name}-train.tfrecord-*.tmp*")) + \
+            glob.glob(os.path.join(out_dir, f"{manifest_lib.MANIFEST_NAME}.tmp*")) + \
+            glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tmp*")):
+        os.remove(stale)  # a temporary file is never a finished shard
 
 
 def write_dataset(plan: SourcePlan, out_dir: str, *, name: str = "faces", num_workers: int | None = None,
                   shard_bytes: int = DEFAULT_SHARD_BYTES, num_shards: int | None = None, shuffle_seed: int | None = 0,
-                  show_progress: bool = True, extra_manifest: dict | None = None) -> dict:
+                  show_progress: bool = True, extra_manifest: dict | None = None, force: bool = False) -> dict:
     """Writes plan's images as TFRecord shards + manifest.json + tfds metadata in out_dir; returns the manifest.
+
+    force: replace a dataset of another source in out_dir (otherwise InputError; the same source resumes).
 
     shuffle_seed: the order of images across shards is a seeded permutation (sources such as .rec are sorted
     by identity; mixing them at conversion makes the training shuffle buffer effective). None keeps order.
@@ -271,12 +550,32 @@ def write_dataset(plan: SourcePlan, out_dir: str, *, name: str = "faces", num_wo
       all cores above.
     """
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, "*.tmp*")):
-        os.remove(stale)  # a temporary file is never a finished shard
     n = len(plan.items)
     if n == 0:
-        raise ValueError(f"nothing to convert from {plan.source}")
+        raise InputError(f"nothing to convert from {describe_source(plan.source)}")
+    fingerprint = source_fingerprint(plan)
+    check_output_dir(out_dir, plan.source, force, fingerprint)
+    created = not os.path.exists(out_dir)
+    os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
+    if force:  # from here on the folder no longer claims to hold the old dataset
+        for old in (manifest_lib.MANIFEST_NAME, "dataset_info.json", "features.json"):
+            if os.path.exists(os.path.join(out_dir, old)):
+                os.remove(os.path.join(out_dir, old))
+    _clean_temporaries(out_dir, name)
+    source_record = {k: v for k, v in plan.source.items() if k != "scan_skipped_corrupt"} | {"fingerprint": fingerprint}
+    manifest_lib.write_json_atomic(os.path.join(out_dir, PROGRESS_DIR, SOURCE_FILE), {"source": source_record})
+    try:
+        return _write_shards(plan, out_dir, name, n, num_workers, shard_bytes, num_shards, shuffle_seed,
+                             show_progress, extra_manifest, source_record)
+    except BaseException:
+        _clean_temporaries(out_dir, name)  # e.g. shards of pool workers terminated mid-write
+        if created and not glob.glob(os.path.join(out_dir, f"{name}-train.tfrecord-*")):
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing finished: leave no half-made folder behind
+        raise
+
+
+def _write_shards(plan, out_dir, name, n, num_workers, shard_bytes, num_shards, shuffle_seed, show_progress,
+                  extra_manifest, source_record) -> dict:
     order = np.arange(n) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(n)
     sizes = np.asarray(plan.sizes, np.int64)[order]
     if num_shards is None:
@@ -331,8 +630,11 @@ def write_dataset(plan: SourcePlan, out_dir: str, *, name: str = "faces", num_wo
         bar.close()
     elapsed = time.time() - start
     manifest = _build_manifest(plan, name, tasks, results, resumed, elapsed, extra_manifest)
+    manifest["source"] = source_record
     manifest_lib.write_json_atomic(os.path.join(out_dir, manifest_lib.MANIFEST_NAME), manifest)
     manifest_lib.write_tfds_metadata(out_dir, manifest)
+    if os.path.exists(os.path.join(out_dir, PROGRESS_DIR, SOURCE_FILE)):
+        os.remove(os.path.join(out_dir, PROGRESS_DIR, SOURCE_FILE))  # the manifest records the source now
     return manifest
 
 
@@ -369,23 +671,34 @@ def _build_manifest(plan, name, tasks, results, resumed, elapsed, extra) -> dict
 
 
 def convert_rec(rec_path: str, out_dir: str, *, idx_path: str | None = None, skip_corrupt: bool = False,
-                channel_order: str = "RGB", **kwargs) -> dict:
-    """InsightFace .rec(+.idx) -> TFRecords. Stored JPEGs decode to RGB (mxnet convention) unless told BGR."""
+                channel_order: str = "RGB", force: bool = False, verify: bool = True, **kwargs) -> dict:
+    """InsightFace .rec(+.idx) or dataset folder (train.rec, train.idx, property) -> TFRecords. Stored JPEGs
+    decode to RGB (mxnet convention) unless told BGR."""
+    rec, _, _ = resolve_rec(rec_path, idx_path)
+    check_output_dir(out_dir, {"kind": "rec", "path": rec}, force)  # before scanning a large file
     plan = plan_rec(rec_path, idx_path, skip_corrupt)
     plan.params["idx"] = plan.source["idx"]
     plan.channel_order = channel_order
-    return write_dataset(plan, out_dir, **kwargs)
+    if not verify:  # only then in params: the plan hash (and resuming) of a default run is unchanged
+        plan.params["verify"] = False
+    return write_dataset(plan, out_dir, force=force, **kwargs)
 
 
 def convert_folder(root: str, out_dir: str, *, channel_order: str = "RGB", skip_corrupt: bool = False,
-                   **kwargs) -> dict:
+                   force: bool = False, verify: bool = True, **kwargs) -> dict:
+    check_output_dir(out_dir, {"kind": "folder", "path": os.path.abspath(root)}, force)
     plan = plan_folder(root)
     plan.channel_order, plan.params["skip_corrupt"] = channel_order, skip_corrupt
-    return write_dataset(plan, out_dir, **kwargs)
+    if not verify:
+        plan.params["verify"] = False
+    return write_dataset(plan, out_dir, force=force, **kwargs)
 
 
 def convert_list(list_path: str, out_dir: str, *, root: str | None = None, channel_order: str = "RGB",
-                 skip_corrupt: bool = False, **kwargs) -> dict:
+                 skip_corrupt: bool = False, force: bool = False, verify: bool = True, **kwargs) -> dict:
+    check_output_dir(out_dir, {"kind": "list", "path": os.path.abspath(list_path)}, force)
     plan = plan_list(list_path, root)
     plan.channel_order, plan.params["skip_corrupt"] = channel_order, skip_corrupt
-    return write_dataset(plan, out_dir, **kwargs)
+    if not verify:
+        plan.params["verify"] = False
+    return write_dataset(plan, out_dir, force=force, **kwargs)

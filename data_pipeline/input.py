@@ -6,6 +6,13 @@ on whole batches with stateless draws from (seed, epoch, batch index in the epoc
 draw per image. Starting at `start_step` therefore yields exactly the batch that step had in an
 uninterrupted run (the skipped records are read and shuffled but not decoded: resuming late in a
 5.8M-image epoch spends some seconds there).
+
+Bad records: a record whose framing is broken (CRC mismatch, truncated shard) ends that shard's reading
+for the epoch and the epoch is topped up with empty placeholder records, so every epoch still has exactly
+steps_per_epoch batches. A batch whose records do not all parse and decode is rebuilt by
+`make_train_iterator` from the same records with `safe_decode`: each undecodable image (and each
+placeholder) is replaced by the next good image of the batch with its label, and the batch carries
+'bad_records' (how many were replaced). The data order, and so an exact resume, is unchanged.
 """
 from __future__ import annotations
 
@@ -89,9 +96,22 @@ def steps_per_epoch(cfg: TrainInputConfig, manifest: dict | None = None) -> int:
     return steps
 
 
+def decode_any(encoded):
+    """Encoded bytes -> uint8 (H, W, 3) in stored channel order, decoded as the original does.
+
+    The original decodes with OpenCV (libjpeg's accurate integer IDCT); tf.io.decode_image uses the fast
+    IDCT for JPEG, which is off by about one grey level on average and up to 5. JPEG therefore goes through
+    decode_jpeg(dct_method='INTEGER_ACCURATE') (bit-exact with cv2.imdecode), PNG/BMP/GIF through
+    decode_image. This is also the check `adaface-jax prepare` and `adaface-jax check` apply to every image.
+    """
+    return tf.cond(tf.io.is_jpeg(encoded),
+                   lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+                   lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+
+
 def decode_bgr(encoded, channel_order: str, image_size: int):
     """Encoded bytes -> uint8 BGR (image_size, image_size, 3); other sizes are resized (bilinear)."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = decode_any(encoded)
     if channel_order.upper() == "RGB":
         image = tf.reverse(image, axis=[-1])
     shape = tf.shape(image)
@@ -108,8 +128,34 @@ def normalize(image_uint8):
     return tf.cast(image_uint8, tf.float32) / 127.5 - 1.0
 
 
-def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0) -> tf.data.Dataset:
-    """Infinite dataset of {'image': float32 (B_local, S, S, 3) BGR normalised, 'label': int32 (B_local,)}."""
+def _safe_decode_batch(records, spec, image_size: int):
+    """(images uint8 (B, S, S, 3), labels int64 (B,), number of bad records) for a batch of serialized
+    examples, where a record that does not parse or decode is replaced by the next good one (cyclically)."""
+    n = tf.shape(records)[0]
+
+    def one(i, record):
+        example = tf.io.parse_single_example(record, spec)
+        return i, decode_bgr(example[IMAGE_KEY], "BGR", image_size), example[LABEL_KEY]
+
+    good = tf.data.Dataset.from_tensor_slices((tf.range(n), records)).map(one).ignore_errors()
+    none = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int32), tf.zeros([0, image_size, image_size, 3], tf.uint8),
+                                         tf.zeros([0], tf.int64)))
+    idx, images, labels = good.batch(2 ** 30).concatenate(none).take(1).get_single_element()
+    num_good = tf.shape(idx)[0]
+    # position i takes the first good record at or after i (wrapping round); with no good record at all the
+    # batch stays black with label 0 (every record counted bad)
+    src = tf.searchsorted(idx, tf.range(n), side="left") % tf.maximum(num_good, 1)
+    images = tf.cond(num_good > 0, lambda: tf.gather(images, src),
+                     lambda: tf.zeros([n, image_size, image_size, 3], tf.uint8))
+    labels = tf.cond(num_good > 0, lambda: tf.gather(labels, src), lambda: tf.zeros([n], tf.int64))
+    return images, labels, n - num_good
+
+
+def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0, safe_decode: bool = False) -> tf.data.Dataset:
+    """Infinite dataset of {'image': float32 (B_local, S, S, 3) BGR normalised, 'label': int32 (B_local,)}.
+
+    safe_decode: undecodable records are replaced (see the module doc) and batches carry 'bad_records'
+    (int32); slower than the normal path, which `make_train_iterator` uses only to rebuild a failed batch."""
     hide_gpus_from_tf()
     manifest = read_manifest(cfg.data_dir)
     files = shard_paths(cfg.data_dir, manifest)
@@ -131,21 +177,28 @@ def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0) -> tf.data.Da
     def epoch_records(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(len(files)), seed=tf.stack([seed, epoch]))
         ds = tf.data.Dataset.from_tensor_slices(tf.gather(files_t, order))
-        ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20), cycle_length=cycle,
-                           block_length=1, num_parallel_calls=cycle, deterministic=True)
+        # a broken record (CRC mismatch, truncation) ends that shard for this epoch instead of the run
+        ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20).ignore_errors(log_warning=True),
+                           cycle_length=cycle, block_length=1, num_parallel_calls=cycle, deterministic=True)
         if element_split:
             ds = ds.shard(cfg.process_count, cfg.process_index)
         ds = ds.shuffle(cfg.shuffle_buffer, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+        # top up with empty (bad) records if a broken shard fell short: every epoch has exactly per_epoch records
+        ds = ds.take(per_epoch).concatenate(tf.data.Dataset.from_tensors(tf.constant(b"")).repeat())
         ds = ds.take(per_epoch).enumerate()
         return ds.map(lambda pos, record: (epoch, pos, record))
 
     def finish(epoch, pos, record):
         # Records are parsed and decoded per batch: a map_fn inside one tf.data call costs about half of what
         # one tf.data element per image costs, for the same decoded pixels.
-        example = tf.io.parse_example(record, spec)
         # decoded in stored order; the swap to BGR happens once per batch below
-        images = tf.map_fn(lambda encoded: decode_bgr(encoded, "BGR", cfg.image_size), example[IMAGE_KEY],
-                           fn_output_signature=tf.TensorSpec([cfg.image_size, cfg.image_size, 3], tf.uint8))
+        if safe_decode:
+            images, labels, bad = _safe_decode_batch(record, spec, cfg.image_size)
+        else:
+            example = tf.io.parse_example(record, spec)
+            labels = example[LABEL_KEY]
+            images = tf.map_fn(lambda encoded: decode_bgr(encoded, "BGR", cfg.image_size), example[IMAGE_KEY],
+                               fn_output_signature=tf.TensorSpec([cfg.image_size, cfg.image_size, 3], tf.uint8))
         if channel_order.upper() == "RGB":
             images = tf.reverse(images, axis=[-1])  # BGR before augmenting: the photometric luma depends on it
         if cfg.augment:  # batched ops; the draws depend only on (seed, epoch, batch index in epoch, process)
@@ -155,7 +208,10 @@ def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0) -> tf.data.Da
             images = augment_lib.augment_batch(images, batch_seed, cfg.image_size, crop_prob=cfg.crop_prob,
                                                lowres_prob=cfg.lowres_prob, photometric_prob=cfg.photometric_prob,
                                                flip_prob=cfg.flip_prob)
-        return {"image": normalize(images), "label": tf.cast(example[LABEL_KEY], tf.int32)}
+        out = {"image": normalize(images), "label": tf.cast(labels, tf.int32)}
+        if safe_decode:
+            out["bad_records"] = tf.cast(bad, tf.int32)
+        return out
 
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_records)
     ds = ds.skip(step_in_epoch * b_local)  # the stream starts at epoch start_epoch, so this skips within it
@@ -170,8 +226,19 @@ def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0) -> tf.data.Da
 
 
 def make_train_iterator(cfg: TrainInputConfig, start_step: int = 0):
-    """Infinite iterator of numpy batches (see make_train_dataset)."""
-    return make_train_dataset(cfg, start_step).as_numpy_iterator()
+    """Infinite iterator of numpy batches (see make_train_dataset), each with 'bad_records' (int): a batch
+    that fails to parse or decode is rebuilt from the same records with the bad ones replaced."""
+    batches = make_train_dataset(cfg, start_step).as_numpy_iterator()
+    step = int(start_step)
+    while True:
+        try:
+            batch = next(batches)  # a failed element does not end a tf.data iterator: the next one follows
+            batch["bad_records"] = 0
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError):
+            batch = next(make_train_dataset(cfg, step, safe_decode=True).take(1).as_numpy_iterator())
+            batch["bad_records"] = int(batch["bad_records"])
+        yield batch
+        step += 1
 
 
 # ----------------------------------------------------------------------------------------------- preview

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from adaface_jax.errors import InputError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "adaface-jax-tfrecord"
 
@@ -27,11 +29,20 @@ def read_manifest(data_dir: str) -> dict:
         raise FileNotFoundError(f"{path} not found: {data_dir} is not a dataset written by "
                                 "`adaface-jax prepare` / `adaface-jax synthesize`")
     with open(path) as f:
-        manifest = json.load(f)
+        try:
+            manifest = json.load(f)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise InputError(f"{path}: not valid JSON ({err}); rerun `adaface-jax prepare` to rewrite it") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     missing = [k for k in ("num_images", "num_classes", "channel_order", "class_names", "shards")
                if k not in manifest]
     if manifest.get("format") != FORMAT or missing:
-        raise ValueError(f"{path}: not an {FORMAT} manifest (format={manifest.get('format')!r}, missing {missing})")
+        raise InputError(f"{path}: not an {FORMAT} manifest (format={manifest.get('format')!r}, missing {missing})")
+    for i, shard in enumerate(manifest["shards"] if isinstance(manifest["shards"], list) else [None]):
+        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or \
+                not isinstance(shard.get("num_images"), int):
+            raise InputError(f"{path}: shards[{i}] is {shard!r}; expected {{'file': name, 'num_images': int, ...}}")
     return manifest
 
 

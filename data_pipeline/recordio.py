@@ -16,6 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
+from adaface_jax.errors import InputError
+
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LEN_MASK = (1 << 29) - 1
@@ -23,12 +25,16 @@ _IRHEADER = struct.Struct("<IfQQ")
 _MAX_RECORD = 1 << 29
 
 
-class CorruptRecordError(ValueError):
-    """A record whose framing or header is broken; names the record index and its byte offset."""
+class CorruptRecordError(InputError):
+    """A record whose framing, header or image is broken; names the record index and its byte offset.
+    Picklable, so an error raised in a converter worker process arrives intact in the parent."""
 
     def __init__(self, path: str, index: int, offset: int, reason: str):
         super().__init__(f"{path}: corrupt record {index} at byte offset {offset}: {reason}")
         self.path, self.index, self.offset, self.reason = path, index, offset, reason
+
+    def __reduce__(self):
+        return type(self), (self.path, self.index, self.offset, self.reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +138,14 @@ def read_idx(idx_path: str) -> dict[int, int]:
             if not line.strip():
                 continue
             parts = line.split()
-            if len(parts) != 2:
-                raise ValueError(f"{idx_path}:{line_no}: expected 'key<TAB>offset', got {line.rstrip()!r}")
-            index[int(parts[0])] = int(parts[1])
+            try:
+                key, offset = int(parts[0]), int(parts[1])
+                if len(parts) != 2 or offset < 0:
+                    raise ValueError
+            except (ValueError, IndexError):
+                raise InputError(f"{idx_path}:{line_no}: expected 'key<TAB>byte offset' (two non-negative "
+                                 f"integers), got {line.rstrip()!r}") from None
+            index[key] = offset
     return index
 
 

@@ -149,15 +149,26 @@ def render_encoded(seed: int, identity: int, image_index: int, params: dict) -> 
     return encode(image, params.get("format", "jpg")), quality
 
 
+def check_synthetic_args(num_identities, images_per_identity, severity=None) -> None:
+    """InputError naming the argument unless counts are positive integers and severity is in [0, 1]."""
+    from adaface_jax.errors import InputError  # noqa: PLC0415
+
+    for name, value in (("identities", num_identities), ("images per identity", images_per_identity)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise InputError(f"number of {name} is {value!r}; expected a positive integer")
+    if severity is not None and not (isinstance(severity, (int, float)) and 0.0 <= severity <= 1.0):
+        raise InputError(f"severity {severity!r}: expected a number in [0, 1] (or none: drawn per image)")
+
+
 def write_synthetic_dataset(out_dir: str, num_identities: int = 200, images_per_identity: int = 20, seed: int = 0,
                             *, identity_offset: int = 0, severity: float | None = None, image_format: str = "jpg",
                             num_workers: int | None = None, num_shards: int | None = None,
-                            show_progress: bool = True) -> dict:
-    """Renders identities [offset, offset+N) x K images to TFRecord shards + manifest (quality feature)."""
+                            show_progress: bool = True, force: bool = False) -> dict:
+    """Renders identities [offset, offset+N) x K images to TFRecord shards + manifest (quality feature).
+    force: replace a dataset of another source in out_dir (otherwise InputError; the same one resumes)."""
     from .convert import SourcePlan, write_dataset  # noqa: PLC0415
 
-    if num_identities <= 0 or images_per_identity <= 0:
-        raise ValueError("num_identities and images_per_identity must be positive")
+    check_synthetic_args(num_identities, images_per_identity, severity)
     n = num_identities * images_per_identity
     items = [(identity_offset + i, k, i * images_per_identity + k)
              for i in range(num_identities) for k in range(images_per_identity)]
@@ -172,7 +183,7 @@ def write_synthetic_dataset(out_dir: str, num_identities: int = 200, images_per_
     if num_shards is None:
         num_shards = max(4, int(np.ceil(n * 4500 / (150 << 20))))
     return write_dataset(plan, out_dir, name="synthetic_faces", num_workers=num_workers, num_shards=num_shards,
-                         show_progress=show_progress)
+                         show_progress=show_progress, force=force)
 
 
 def verification_pairs(num_pairs: int, num_identities: int, seed: int,

@@ -8,7 +8,8 @@ import os
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=["rec", "folder", "list", "bin"],
-                        help="rec: InsightFace train.rec(+.idx); folder: one subfolder per identity; list: "
+                        help="rec: InsightFace train.rec(+.idx) or its dataset folder (train.rec, train.idx, "
+                             "property); folder: one subfolder per identity; list: "
                              "'path<TAB>label' file; bin: decode a validation .bin into a .npy cache")
     parser.add_argument("src", help="source .rec / folder / list file / .bin")
     parser.add_argument("out", help="output dataset directory (for bin: the cache directory)")
@@ -24,11 +25,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-shards", type=int, default=None, help="fixed shard count (overrides --shard-mb)")
     parser.add_argument("--name", default="faces", help="dataset name used in shard file names")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the source order across shards")
+    parser.add_argument("--no-decode-check", action="store_true",
+                        help="do not decode every image with the training decoder (faster; a damaged image then "
+                             "only shows in training, where it is replaced and counted)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a dataset of another source already in OUT (default: refuse; the same "
+                             "source resumes)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from adaface_jax.errors import InputError  # noqa: PLC0415
     from data_pipeline import convert  # noqa: PLC0415  (keeps `adaface-jax --help` fast)
 
+    if args.workers is not None and args.workers < 0:
+        raise InputError(f"--workers {args.workers}: expected 0 (in this process) or a positive count")
+    if args.num_shards is not None and args.num_shards < 1:
+        raise InputError(f"--num-shards {args.num_shards}: expected a positive count")
+    if not args.shard_mb > 0:
+        raise InputError(f"--shard-mb {args.shard_mb}: expected a positive size in MB")
     if args.kind == "bin":
         from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
         images, issame = load_bin(args.src, cache_dir=args.out)
@@ -37,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     common = dict(name=args.name, num_workers=args.workers, shard_bytes=int(args.shard_mb * 1024 * 1024),
                   num_shards=args.num_shards, shuffle_seed=None if args.no_shuffle else 0,
-                  channel_order=args.channel_order, skip_corrupt=args.skip_corrupt)
+                  channel_order=args.channel_order, skip_corrupt=args.skip_corrupt, force=args.force,
+                  verify=not args.no_decode_check)
     if args.kind == "rec":
         manifest = convert.convert_rec(args.src, args.out, idx_path=args.idx, **common)
     elif args.kind == "folder":

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaface_jax import heads, parallel
-from adaface_jax.checkpoint import Checkpointer
+from adaface_jax.checkpoint import Checkpointer, load_weights
 from adaface_jax.errors import InputError
 from adaface_jax.models import ARCHS, build_model
 from adaface_jax.train import optimizer as optim
@@ -36,6 +36,10 @@ class ConfigError(InputError):
 
 class TooManySkippedSteps(RuntimeError):
     pass
+
+
+class TooManyBadRecords(InputError):
+    """More training records failed to decode than ``config.data.max_bad_records`` allows."""
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -130,15 +134,10 @@ def init_state(config, model, mesh, schedule, padded_classes: int):
 
 
 def load_init_from(path: str) -> tuple[dict, dict, Optional[dict]]:
-    """--init-from: (backbone params, batch_stats, head dict or None) as numpy from
-    our checkpoint (a workdir, its checkpoints/<step> dir) or a converted/PyTorch checkpoint."""
-    from adaface_jax.checkpoint import find_step_dir, load_trained  # noqa: PLC0415
-    if os.path.isdir(path) and find_step_dir(path) is not None:
-        variables, head, _ = load_trained(path)
-        return variables["params"], variables["batch_stats"], head
-    from adaface_jax.convert.convert import load_any  # noqa: PLC0415
-    _, variables, head, _ = load_any(path)
-    return variables["params"], variables["batch_stats"], head
+    """--init-from: (backbone params, batch_stats, head dict or None) as numpy, from anything
+    ``adaface_jax.checkpoint.load_weights`` reads."""
+    loaded = load_weights(path)
+    return loaded.variables["params"], loaded.variables["batch_stats"], loaded.head
 
 
 def apply_init_from(state: TrainState, path: str, config, shardings, weights=None) -> TrainState:
@@ -320,8 +319,10 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                               f"{ndev} devices")
         padded = saved_padded
     state, shardings = init_state(config, model, mesh, schedule, padded)
+    bad_records = 0  # training records replaced because they failed to decode (data.max_bad_records)
     if resume_step is not None:
         state, meta = ckpt.restore(state, mesh, resume_step)
+        bad_records = int((meta or {}).get("bad_records", 0))
         log.info("resumed from %s at step %d", workdir, int(state.step))
     elif init_from:
         state = apply_init_from(state, init_from, config, shardings, weights=init_weights)
@@ -361,6 +362,21 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     with _StopRequest() as stop:
         while step < total_steps:
             batch = next(batches)
+            if (bad := int(batch.pop("bad_records", 0))):
+                bad_records += bad
+                log.warning("step %d: %d record(s) of %s failed to decode and were replaced by other images of "
+                            "the batch (%d so far; `adaface-jax check` names them)", step + 1, bad,
+                            config.data.data_dir, bad_records)
+                if bad_records > config.data.get("max_bad_records", 0):
+                    ckpt.wait()
+                    bar.close()
+                    metrics_log.close()
+                    ckpt.close()
+                    raise TooManyBadRecords(
+                        f"{bad_records} records of {config.data.data_dir} failed to decode by step {step + 1}, more "
+                        f"than config.data.max_bad_records={config.data.get('max_bad_records', 0)}; run "
+                        f"`adaface-jax check {config.data.data_dir}` to list them. The last checkpoint in "
+                        f"{workdir}/checkpoints is intact.")
             state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
             step += 1
             imgs_since += config.global_batch_size
@@ -370,7 +386,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                 dt = max(time.time() - t0, 1e-9)
                 last["images_per_sec"] = imgs_since / dt
                 t0, imgs_since = time.time(), 0
-                metrics_log.write(step, {f"train/{k}": v for k, v in last.items()})
+                metrics_log.write(step, {**{f"train/{k}": v for k, v in last.items()}, "train/bad_records": bad_records})
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last.get('lr', 0):.2g}",
                                 img_s=f"{last['images_per_sec']:.1f}")
                 if last["skipped_in_row"] >= config.max_skipped_in_row:
@@ -392,11 +408,12 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                 metrics_log.write(step, val)
                 last.update(val)
                 log.info("step %d epoch %d: %s", step, epoch, val)
-                ckpt.save_best(state, {**meta, "epoch": epoch}, {"mean_acc": val["val/mean_acc"]})
+                ckpt.save_best(state, {**meta, "epoch": epoch, "bad_records": bad_records},
+                               {"mean_acc": val["val/mean_acc"]})
             if step % config.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
-                ckpt.save(state, {**meta, "epoch": epoch})
+                ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records})
             if stop.signum is not None:
-                ckpt.save(state, {**meta, "epoch": epoch}, force=True)
+                ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records}, force=True)
                 summary["stop_reason"] = f"signal {stop.signum}"
                 log.warning("signal %d: saved step %d and stopping", stop.signum, step)
                 break
@@ -404,5 +421,5 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     ckpt.close()
     bar.close()
     metrics_log.close()
-    summary.update(step=step, metrics=last, total_steps=total_steps, steps_per_epoch=spe)
+    summary.update(step=step, metrics=last, total_steps=total_steps, steps_per_epoch=spe, bad_records=bad_records)
     return summary, state
