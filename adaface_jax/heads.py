@@ -141,6 +141,18 @@ def cosface_logits(embeddings, norms, labels, kernel, state=None, *, m: float = 
 HEADS = {"adaface": adaface_logits, "arcface": arcface_logits, "cosface": cosface_logits}
 
 
+HEAD_PARAMS = {"adaface": ("m", "h", "s", "t_alpha"), "arcface": ("m", "s"), "cosface": ("m", "s")}
+
+
+def head_params(head_config) -> dict:
+    """The keyword arguments of ``HEADS[head_config['name']]`` found in a head config (e.g.
+    ``config.head``); fields that are not the head's own parameters are left out."""
+    name = head_config["name"]
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; expected one of {sorted(HEADS)}")
+    return {k: head_config[k] for k in HEAD_PARAMS[name] if k in head_config}
+
+
 def initial_state(head: str):
     """The state a head starts from (AdaFace: mean 20, std 100, as the original buffers)."""
     if head not in HEADS:

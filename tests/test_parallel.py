@@ -18,12 +18,16 @@ def build(devices, num_classes):
     return build_sharded(devices, num_classes)
 
 
-def assert_trees_close(a, b, atol=1e-5):
+def assert_trees_close(a, b, atol=1e-5, grad_atol=5e-5):
+    """Leaf-wise closeness; the optimizer's momentum holds raw gradients, whose batch sums run in a
+    different float32 order on 8 shards than on one (measured up to 2e-5 on values ~0.7 on an AVX-512
+    machine), so they get ``grad_atol``; parameters, which see them times the learning rate, keep ``atol``."""
     la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
     assert len(la) == len(lb)
     for (path, x), y in zip(la, lb):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+        key = jax.tree_util.keystr(path)
+        tol = grad_atol if key.startswith("['opt_state']") else atol
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=1e-5, err_msg=key)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from adaface_jax.train.tiny import TinyBackbone as TinyNet  # noqa: F401
+from adaface_jax.models import TinyBackbone as TinyNet  # noqa: F401
 
 
 def random_batch(seed: int, batch: int, num_classes: int, size: int = 16):
@@ -17,31 +17,33 @@ E = 16
 ADA = dict(m=0.4, h=0.333, s=64.0, t_alpha=0.01)
 
 
-def build_sharded(devices, num_classes, groups=1):
-    """(mesh, state, jitted step) for TinyNet + AdaFace on a mesh over ``devices``; the kernel is padded
-    for 8 devices so meshes of 1, 4 and 8 devices start from the same model.  ``groups``: BatchNorm and
-    AdaFace statistics per contiguous group of the batch (= device count for the per-device option)."""
-    import jax  # noqa: PLC0415
+def tiny_config(num_classes: int, groups: int = 1):
+    """The tiny-arch AdaFace recipe of these tests: lr 0.1 stepped at epoch 1 of 2 steps, 16x16 inputs."""
+    from configs.common import get_base_config  # noqa: PLC0415
 
+    c = get_base_config(arch="tiny", num_classes=num_classes)
+    c.seed = 0
+    c.model.embedding_size = E
+    c.data.image_size = 16
+    c.lr, c.lr_milestones = 0.1, (1,)
+    c.half_precision = False
+    c.per_device_stats = groups > 1
+    c.head.update(ADA)
+    return c
+
+
+def build_sharded(devices, num_classes, groups=1):
+    """(mesh, state, jitted step) for TinyNet + AdaFace on a mesh over ``devices``, through the trainer
+    builder; the kernel is padded for 8 devices so meshes of 1, 4 and 8 devices start from the same
+    model.  ``groups``: BatchNorm and AdaFace statistics per contiguous group of the batch (= device count
+    for the per-device option)."""
     from adaface_jax import parallel  # noqa: PLC0415
-    from adaface_jax.train import optimizer as optim  # noqa: PLC0415
-    from adaface_jax.train.state import create_train_state, init_variables  # noqa: PLC0415
-    from adaface_jax.train.step import StepConfig, make_train_step  # noqa: PLC0415
+    from adaface_jax.train.setup import build_trainer  # noqa: PLC0415
 
     mesh = parallel.make_mesh(devices)
-    model = TinyNet(embedding_size=E, bn_groups=groups)
-    padded = parallel.padded_num_classes(num_classes, 8)
-    schedule = optim.lr_schedule(0.1, 2, (1,))
-
-    def init(rng):
-        p, bs, hs = init_variables(model, rng, num_classes, padded_classes=padded, image_size=16, embedding_size=E)
-        return create_train_state(p, bs, hs, optim.make_optimizer(schedule, p, bs), jax.random.fold_in(rng, 1))
-
-    state, shardings = parallel.create_sharded(init, mesh, jax.random.PRNGKey(0))
-    cfg = StepConfig(head="adaface", head_kwargs=ADA, num_classes=num_classes, head_num_groups=groups,
-                     lr_fn=schedule, embedding_sharding=parallel.embedding_sharding(mesh),
-                     logits_sharding=parallel.logits_sharding(mesh))
-    return mesh, state, parallel.jit_sharded(make_train_step(model, cfg), mesh, shardings)
+    trainer = build_trainer(tiny_config(num_classes, groups), mesh, steps_per_epoch=2,
+                            padded_classes=parallel.padded_num_classes(num_classes, 8), groups=groups)
+    return mesh, trainer.state, trainer.step
 
 
 def run_sharded(devices, num_classes=20, steps=2, groups=1, batch=16):

@@ -22,10 +22,9 @@ import numpy as np
 from adaface_jax import heads, parallel
 from adaface_jax.checkpoint import Checkpointer, load_weights
 from adaface_jax.errors import InputError
-from adaface_jax.models import ARCHS, build_model
-from adaface_jax.train import optimizer as optim
-from adaface_jax.train.state import TrainState, create_train_state, init_variables
-from adaface_jax.train.step import StepConfig, make_train_step
+from adaface_jax.models import MODEL_NAMES
+from adaface_jax.train.setup import build_backbone, build_trainer, init_state, make_schedule  # noqa: F401
+from adaface_jax.train.state import TrainState
 
 log = logging.getLogger("adaface_jax.train")
 
@@ -60,8 +59,8 @@ def read_data_manifest(config) -> Optional[dict]:
 
 def validate_config(config, num_devices: int, manifest: Optional[dict]) -> None:
     """Fail before compiling, naming the field."""
-    if config.model.arch not in ARCHS and config.model.arch != "tiny":
-        raise ConfigError(f"config.model.arch={config.model.arch!r} is unknown; expected one of {sorted(ARCHS)}")
+    if config.model.arch not in MODEL_NAMES:
+        raise ConfigError(f"config.model.arch={config.model.arch!r} is unknown; expected one of {sorted(MODEL_NAMES)}")
     if config.head.name not in heads.HEADS:
         raise ConfigError(f"config.head.name={config.head.name!r} is unknown; expected one of {sorted(heads.HEADS)}")
     if config.data.source not in ("tfrecord", "random"):
@@ -97,40 +96,9 @@ def steps_per_epoch(config, manifest: Optional[dict]) -> int:
 
 # ---------------------------------------------------------------------------------------------- model
 
-def build_backbone(config, num_devices: int):
-    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-    groups = num_devices if config.per_device_stats else 1
-    if config.model.arch == "tiny":  # a few-layer stand-in for smoke tests (same contract)
-        from adaface_jax.train.tiny import TinyBackbone  # noqa: PLC0415
-        return TinyBackbone(embedding_size=config.model.embedding_size, dtype=dtype, bn_groups=groups)
-    return build_model(config.model.arch, dtype=dtype, bn_groups=groups, embedding_size=config.model.embedding_size,
-                       dropout_rate=config.model.dropout_rate, width=config.model.get("width", 64))
-
-
-def make_schedule(config, spe: int):
-    return optim.lr_schedule(config.lr, spe, tuple(config.lr_milestones), config.lr_gamma,
-                             warmup_steps=int(round(config.warmup_epochs * spe)))
-
-
 def head_kwargs(config) -> dict:
-    h = config.head
-    if h.name == "adaface":
-        return dict(m=h.m, h=h.h, s=h.s, t_alpha=h.t_alpha)
-    return dict(m=h.m, s=h.s)
-
-
-def init_state(config, model, mesh, schedule, padded_classes: int):
-    """A fresh TrainState created directly in its shardings."""
-    rng = jax.random.PRNGKey(config.seed)
-    size = config.data.image_size
-
-    def init(rng):
-        p, bs, hs = init_variables(model, rng, config.num_classes, padded_classes=padded_classes,
-                                   head=config.head.name, image_size=size, embedding_size=config.model.embedding_size)
-        tx = optim.make_optimizer(schedule, p, bs, momentum=config.momentum, weight_decay=config.weight_decay)
-        return create_train_state(p, bs, hs, tx, jax.random.fold_in(rng, 2))
-
-    return parallel.create_sharded(init, mesh, rng)
+    """The head function's parameters from ``config.head`` (see ``heads.head_params``)."""
+    return heads.head_params(config.head)
 
 
 def load_init_from(path: str) -> tuple[dict, dict, Optional[dict]]:
@@ -305,12 +273,10 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     validate_config(config, ndev, manifest)
     spe = steps_per_epoch(config, manifest)
     total_steps = int(config.total_steps) if config.total_steps > 0 else int(config.epochs * spe)
-    schedule = make_schedule(config, spe)
     ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     resume_step = ckpt.latest_step()
     # Read the fine-tuning weights before anything is built, so a bad --init-from fails at once.
     init_weights = load_init_from(init_from) if (init_from and resume_step is None) else None
-    model = build_backbone(config, ndev)
     padded = parallel.padded_num_classes(config.num_classes, ndev)
     if resume_step is not None:
         saved_padded = int(ckpt.read_meta(resume_step).get("padded_classes", padded))
@@ -318,7 +284,8 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
             raise ConfigError(f"checkpoint in {workdir} has {saved_padded} kernel columns, not divisible by "
                               f"{ndev} devices")
         padded = saved_padded
-    state, shardings = init_state(config, model, mesh, schedule, padded)
+    trainer = build_trainer(config, mesh, steps_per_epoch=spe, padded_classes=padded)
+    state, shardings, train_step = trainer.state, trainer.shardings, trainer.step
     bad_records = 0  # training records replaced because they failed to decode (data.max_bad_records)
     if resume_step is not None:
         state, meta = ckpt.restore(state, mesh, resume_step)
@@ -326,12 +293,6 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
         log.info("resumed from %s at step %d", workdir, int(state.step))
     elif init_from:
         state = apply_init_from(state, init_from, config, shardings, weights=init_weights)
-
-    step_cfg = StepConfig(head=config.head.name, head_kwargs=head_kwargs(config), num_classes=config.num_classes,
-                          head_num_groups=ndev if config.per_device_stats else 1, accum_steps=config.accum_steps,
-                          lr_fn=schedule, embedding_sharding=parallel.embedding_sharding(mesh),
-                          logits_sharding=parallel.logits_sharding(mesh))
-    train_step = parallel.jit_sharded(make_train_step(model, step_cfg), mesh, shardings)
 
     meta = {"arch": config.model.arch, "head": config.head.name, "num_classes": config.num_classes,
             "padded_classes": padded, "steps_per_epoch": spe, "config": json.loads(config.to_json())}
@@ -345,7 +306,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                 imgs, issame = imgs[: 2 * config.eval.max_pairs], issame[: config.eval.max_pairs]
             val_sets[name] = (imgs, np.asarray(issame, bool))
         log.info("validation sets: %s", sorted(val_sets) or "none found")
-    model_eval = build_backbone(config, 1)  # eval: running statistics, no groups
+    model_eval = trainer.eval_model  # eval: running statistics, no groups
 
     start = int(jax.device_get(state.step))
     if start == 0 and config.sample_grid and config.data.source == "tfrecord" and jax.process_index() == 0:

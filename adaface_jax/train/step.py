@@ -33,7 +33,8 @@ from adaface_jax import heads
 class StepConfig:
     """Static settings of the step.
 
-    head: 'adaface' | 'arcface' | 'cosface'; head_kwargs: m, h, s, t_alpha (AdaFace) / m, s.
+    head: the head config as it is (``config.head``: ``name`` plus its parameters m, h, s, t_alpha /
+      m, s; other fields are ignored), or just the name with the parameters in ``head_kwargs``.
     num_classes: real classes; kernel columns beyond it (device padding) are masked out.
     head_num_groups: 1 = AdaFace statistics over the global batch; ndev = per device (original DDP).
     accum_steps: micro-batches per update.
@@ -43,7 +44,7 @@ class StepConfig:
       (E, C) kernel is never gathered.
     """
 
-    head: str = "adaface"
+    head: Any = "adaface"
     head_kwargs: dict = dataclasses.field(default_factory=dict)
     num_classes: int = 0
     head_num_groups: int = 1
@@ -54,6 +55,16 @@ class StepConfig:
 
     def __hash__(self):
         return id(self)
+
+    @property
+    def head_name(self) -> str:
+        return self.head if isinstance(self.head, str) else str(self.head["name"])
+
+    def head_params(self) -> dict:
+        """The head function's keyword arguments (``heads.head_params`` of the head config)."""
+        if isinstance(self.head, str):
+            return dict(self.head_kwargs)
+        return heads.head_params(self.head)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -67,9 +78,9 @@ def _constrain(x, sharding):
 
 def make_loss_fn(model, cfg: StepConfig):
     """loss(params, batch_stats, head_state, images, labels, dropout_rng) -> (loss, (bs, hs, aux))."""
-    head_fn = heads.HEADS[cfg.head]
-    head_kwargs = dict(cfg.head_kwargs)
-    if cfg.head == "adaface":
+    head_fn = heads.HEADS[cfg.head_name]
+    head_kwargs = cfg.head_params()
+    if cfg.head_name == "adaface":
         head_kwargs["num_groups"] = cfg.head_num_groups
     num_classes = cfg.num_classes
 

@@ -1,4 +1,4 @@
-"""A few-layer backbone with the IResNet's contract, for smoke runs and tests (``model.arch='tiny'``).
+"""A few-layer backbone with the IResNet's contract, for smoke runs and tests (``build_model("tiny")``).
 
 Same parameter kinds as the IResNet (bias-free conv, BatchNorm scale/bias, per-channel PReLU, Linear
 weight and bias, affine-free BatchNorm1d) so the optimizer groups, sharding and checkpointing are
