@@ -10,8 +10,10 @@ normalised tensor) and fuses the two views with :func:`fuse` (the fusion helpers
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import tempfile
+import zipfile
 from typing import Iterator
 
 import numpy as np
@@ -129,8 +131,26 @@ def make_embed_fn(module, flip_test: bool = True, fusion: str = "pre_norm_vector
 
 
 def _cache_path(cache_dir, cache_key, flip_test, fusion):
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(cache_key))
-    return os.path.join(cache_dir, f"{safe}__flip{int(flip_test)}_{fusion}.npz")
+    """``<readable prefix>-<sha256 of the key>__flip<0|1>_<fusion>.npz``: the file name never
+    truncates the key, and the full key is stored inside and compared on a hit."""
+    key = str(cache_key)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key.split("|", 1)[0])[:64]
+    digest = hashlib.sha256(f"{key}|flip={int(flip_test)}|fusion={fusion}".encode()).hexdigest()[:20]
+    return os.path.join(cache_dir, f"{safe}-{digest}__flip{int(flip_test)}_{fusion}.npz")
+
+
+def _cache_lookup(path, key_text):
+    """Cached ``(features, norms)`` when ``path`` holds exactly this key; None otherwise (absent,
+    unreadable, or another key: then the caller recomputes and overwrites)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "cache_key" not in z.files or str(z["cache_key"]) != key_text:
+                return None
+            return z["features"], z["norms"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def save_npz_atomic(path: str, **arrays) -> None:
@@ -164,19 +184,22 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
       flip_test, fusion: the flip test and fusion method (see :func:`fuse`).
       mesh: a mesh with a ``'data'`` axis; default all local devices.
       cache_dir, cache_key: when both are given, results are read from / written atomically to
-        ``<cache_dir>/<cache_key>__flip<0|1>_<fusion>.npz``. The key must identify checkpoint and
-        dataset (e.g. ``f"{ckpt_name}-{step}-lfw"``); a hit does not run the model.
+        ``<cache_dir>/<key prefix>-<key hash>__flip<0|1>_<fusion>.npz``. The key must determine
+        the features: the weights' content, the images' content and the compute settings (see
+        ``adaface_jax.cli.evaluate``); it is stored in the file and compared on a hit, so a
+        different key never returns these features. A hit does not run the model.
       num_images: total count for the progress bar when ``images`` is a plain iterable.
     """
     import jax  # noqa: PLC0415
     from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
 
-    path = None
+    path = key_text = None
     if cache_dir is not None and cache_key is not None:
         path = _cache_path(cache_dir, cache_key, flip_test, fusion)
-        if os.path.exists(path):
-            with np.load(path, allow_pickle=False) as z:
-                return z["features"], z["norms"]
+        key_text = f"{cache_key}|flip={int(flip_test)}|fusion={fusion}"
+        hit = _cache_lookup(path, key_text)
+        if hit is not None:
+            return hit
 
     mesh = make_mesh() if mesh is None else mesh
     n_dev = mesh.shape["data"]
@@ -220,5 +243,5 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
     features = np.concatenate(feats).astype(np.float32)
     norms_out = np.concatenate(norms).astype(np.float32)
     if path is not None:
-        save_npz_atomic(path, features=features, norms=norms_out)
+        save_npz_atomic(path, features=features, norms=norms_out, cache_key=np.array(key_text))
     return features, norms_out

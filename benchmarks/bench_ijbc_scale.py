@@ -5,6 +5,8 @@ G2 1,759 templates and 19,593 probe templates, 512-d float32 features. Phase 1 w
 files and features into --workdir (not timed); phase 2 runs in a fresh child process (so its
 peak RSS is the scoring's own) and times reading the meta files, template pooling, the pair
 scores + ROC (1:1) and the 1:N metrics. Printed, not asserted (target < 60 s, < 8 GB).
+The 1:1 scores are per-pair ``np.sum(f1 * f2, -1)`` as the reference (exact ties kept), not a
+blocked matrix product; the 1:N products score identical rows once (evaluation.ranking).
 
     python3 benchmarks/bench_ijbc_scale.py [--workdir /tmp/ijbc_bench] [--keep]
 """

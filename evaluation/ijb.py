@@ -1,9 +1,10 @@
 """IJB-B / IJB-C (reference-behaviour §2): meta readers, template pooling, 1:1 ROC, 1:N.
 
 Everything is numpy and vectorized for the real scale (IJB-C: 469,375 images, 23,124 templates,
-15,658,489 pairs): template pooling is two sparse matrix products, pair scores are computed in
-chunks, the ROC is one stable sort. Unknown template ids, mismatched files and malformed lines
-raise ``ValueError`` naming the file and line.
+15,658,489 pairs): template pooling is two sparse matrix products, pair scores are per-pair sums
+computed in chunks (position independent, as the reference), the ROC is one stable sort. Unknown
+template ids, mismatched files and malformed lines raise ``evaluation.ProtocolError`` naming the
+file and line.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import numpy as np
 import scipy.sparse
 
-from evaluation import ranking
+from evaluation import ProtocolError, ranking
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 GALLERY_NAMES = {"IJBB": ("S1", "S2"), "IJBC": ("G1", "G2")}
@@ -32,13 +33,13 @@ def read_name_5pts_score(path: str):
     """``name x1 y1 ... x5 y5 score`` per line -> ``(names, landmarks (N,5,2) float32, scores (N,))``."""
     lines = _lines(path)
     if not lines:
-        raise ValueError(f"{path}: no lines")
+        raise ProtocolError(f"{path}: no lines")
     names = []
     for i, line in enumerate(lines, 1):
         tok = line.split()
         if len(tok) != 12:
-            raise ValueError(f"{path}:{i}: expected 12 space-separated fields "
-                             f"(name, 10 landmark coordinates, score), got {len(tok)}")
+            raise ProtocolError(f"{path}:{i}: expected 12 space-separated fields "
+                                f"(name, 10 landmark coordinates, score), got {len(tok)}")
         names.append(tok[0])
     try:  # the C parser for the numbers
         arr = np.loadtxt(path, dtype=np.float32, usecols=range(1, 12), ndmin=2, comments=None)
@@ -47,8 +48,8 @@ def read_name_5pts_score(path: str):
             try:
                 [float(t) for t in line.split()[1:]]
             except ValueError as e:
-                raise ValueError(f"{path}:{i}: non-numeric landmark/score: {e}") from None
-        raise
+                raise ProtocolError(f"{path}:{i}: non-numeric landmark/score: {e}") from None
+        raise ProtocolError(f"{path}: cannot parse the landmarks/scores as numbers") from None
     return names, arr[:, :10].reshape(-1, 5, 2), arr[:, 10]
 
 
@@ -61,15 +62,16 @@ def _scan_table(path, lines, start, ncols, what, sep, min_cols):
             width = len(tok)
         if (min_cols is None and len(tok) != ncols) or (min_cols is not None and len(tok) < min_cols):
             want = ncols if min_cols is None else f">= {min_cols}"
-            raise ValueError(f"{path}:{i}: expected {want} fields ({what}), got {len(tok)}")
+            raise ProtocolError(f"{path}:{i}: expected {want} fields ({what}), got {len(tok)}")
         if len(tok) != width:
-            raise ValueError(f"{path}:{i}: {len(tok)} fields but the first data line has {width} ({what})")
+            raise ProtocolError(f"{path}:{i}: {len(tok)} fields but the first data line has {width} ({what})")
         try:
             rows.append([int(t) for t in tok[:ncols]])
         except ValueError:
-            raise ValueError(f"{path}:{i}: expected integers in the first {ncols} fields ({what}): {line!r}") from None
+            raise ProtocolError(f"{path}:{i}: expected integers in the first {ncols} fields ({what}): "
+                                f"{line!r}") from None
     if not rows:
-        raise ValueError(f"{path}: no data lines; expected {what}")
+        raise ProtocolError(f"{path}: no data lines; expected {what}")
     return np.asarray(rows, np.int64)
 
 
@@ -85,7 +87,7 @@ def _int_table(path: str, ncols: int, what: str, skip_header: bool = False, sep=
             pass
     lines = _lines(path)
     if skip_header and not lines:
-        raise ValueError(f"{path}: empty file; expected a header line")
+        raise ProtocolError(f"{path}: empty file; expected a header line")
     return _scan_table(path, lines, start, ncols, what, sep, min_cols)
 
 
@@ -97,13 +99,13 @@ def read_face_tid_mid(path: str):
     for i, line in enumerate(lines):
         tok = line.split()
         if len(tok) != 3:
-            raise ValueError(f"{path}:{i + 1}: expected 3 fields 'name template_id media_id', got {len(tok)}")
+            raise ProtocolError(f"{path}:{i + 1}: expected 3 fields 'name template_id media_id', got {len(tok)}")
         try:
             t[i], m[i] = int(tok[1]), int(tok[2])
         except ValueError:
-            raise ValueError(f"{path}:{i + 1}: template_id/media_id must be integers: {line!r}") from None
+            raise ProtocolError(f"{path}:{i + 1}: template_id/media_id must be integers: {line!r}") from None
     if not lines:
-        raise ValueError(f"{path}: no lines")
+        raise ProtocolError(f"{path}: no lines")
     return t, m
 
 
@@ -112,7 +114,7 @@ def read_template_pair_label(path: str):
     table = _int_table(path, 3, "t1 t2 label")
     bad = np.flatnonzero((table[:, 2] != 0) & (table[:, 2] != 1))
     if bad.size:
-        raise ValueError(f"{path}:{bad[0] + 1}: label must be 0 or 1, got {table[bad[0], 2]}")
+        raise ProtocolError(f"{path}:{bad[0] + 1}: label must be 0 or 1, got {table[bad[0], 2]}")
     return table[:, 0], table[:, 1], table[:, 2]
 
 
@@ -122,17 +124,17 @@ def read_1n_csv(path: str):
     Every row must have the header's field count (as np.loadtxt in the reference)."""
     lines = _lines(path)
     if not lines:
-        raise ValueError(f"{path}: empty file; expected a header line")
+        raise ProtocolError(f"{path}: empty file; expected a header line")
     body = lines[1:]
     if not body:
-        raise ValueError(f"{path}: no data lines; expected TEMPLATE_ID,SUBJECT_ID,...")
+        raise ProtocolError(f"{path}: no data lines; expected TEMPLATE_ID,SUBJECT_ID,...")
     commas = np.fromiter((l.count(",") for l in body), np.int64, len(body))
     bad = np.flatnonzero((commas != commas[0]) | (commas < 1))
     if bad.size:
         i = int(bad[0])
         what = "expected >= 2 fields (TEMPLATE_ID,SUBJECT_ID,...)" if commas[i] < 1 else \
             f"{commas[i] + 1} fields but the first data line has {commas[0] + 1}"
-        raise ValueError(f"{path}:{i + 2}: {what}")
+        raise ProtocolError(f"{path}:{i + 2}: {what}")
     try:
         table = np.loadtxt(body, dtype=np.int64, delimiter=",", usecols=(0, 1), ndmin=2, comments=None)
     except ValueError:
@@ -154,6 +156,8 @@ class IJBMeta:
     pair_t2: np.ndarray
     pair_label: np.ndarray
     files: dict
+    # templates left out by drop_images (their 1:N gallery/probe rows are skipped too)
+    dropped_templates: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def num_images(self):
@@ -179,7 +183,7 @@ def load_meta(root: str, ds: str, unknown: str = "error") -> IJBMeta:
     """Read and cross-check the 1:1 meta files of ``<root>/<DS>/meta`` (``unknown``: see check_known)."""
     ds = ds.upper()
     if ds not in GALLERY_NAMES:
-        raise ValueError(f"unknown IJB dataset {ds!r}; expected IJBB or IJBC")
+        raise ProtocolError(f"unknown IJB dataset {ds!r}; expected IJBB or IJBC")
     files = meta_paths(root, ds)
     for key in ("name_5pts", "tid_mid", "pair_label"):
         if not os.path.isfile(files[key]):
@@ -187,8 +191,8 @@ def load_meta(root: str, ds: str, unknown: str = "error") -> IJBMeta:
     names, lm, score = read_name_5pts_score(files["name_5pts"])
     templates, medias = read_face_tid_mid(files["tid_mid"])
     if len(names) != templates.size:
-        raise ValueError(f"{files['tid_mid']}: {templates.size} lines but {files['name_5pts']} has {len(names)}; "
-                         "line i of both files must be the same image")
+        raise ProtocolError(f"{files['tid_mid']}: {templates.size} lines but {files['name_5pts']} has {len(names)}; "
+                            "line i of both files must be the same image")
     t1, t2, label = read_template_pair_label(files["pair_label"])
     known = np.unique(templates)
     for col, arr in (("t1", t1), ("t2", t2)):
@@ -207,13 +211,34 @@ def check_known(known_sorted: np.ndarray, ids: np.ndarray, path: str, what: str,
     if unknown == "row0":
         return np.where(ok, pos, 0)
     if unknown != "error":
-        raise ValueError(f"unknown must be 'error' or 'row0', got {unknown!r}")
+        raise ProtocolError(f"unknown must be 'error' or 'row0', got {unknown!r}")
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
         line = int(line_numbers[i]) if line_numbers is not None else i + 1
-        raise ValueError(f"{path}:{line}: unknown template id {int(ids[i])} in column {what} "
-                         "(not in the face_tid_mid file)")
+        raise ProtocolError(f"{path}:{line}: unknown template id {int(ids[i])} in column {what} "
+                            "(not in the face_tid_mid file)")
     return pos
+
+
+def drop_images(meta: IJBMeta, keep: np.ndarray) -> tuple[IJBMeta, dict]:
+    """Leave images out (``keep`` False, e.g. NaN features of failed photos): their templates are
+    pooled from the remaining images; templates with no image left and the 1:1 pairs that use
+    them are left out too. Returns the reduced meta and counts of what was dropped."""
+    keep = np.asarray(keep, bool)
+    if keep.shape != (meta.num_images,):
+        raise ProtocolError(f"keep mask has {keep.shape} entries but {meta.files['name_5pts']} has "
+                            f"{meta.num_images} images")
+    before = np.unique(meta.templates)
+    left = np.unique(meta.templates[keep])
+    gone = np.setdiff1d(before, left)
+    pair_ok = ~(np.isin(meta.pair_t1, gone) | np.isin(meta.pair_t2, gone))
+    reduced = dataclasses.replace(
+        meta, image_names=[n for n, k in zip(meta.image_names, keep) if k], landmarks=meta.landmarks[keep],
+        faceness=meta.faceness[keep], templates=meta.templates[keep], medias=meta.medias[keep],
+        pair_t1=meta.pair_t1[pair_ok], pair_t2=meta.pair_t2[pair_ok], pair_label=meta.pair_label[pair_ok],
+        dropped_templates=np.union1d(meta.dropped_templates, gone))
+    return reduced, {"dropped_images": int((~keep).sum()), "dropped_templates": int(gone.size),
+                     "dropped_pairs": int((~pair_ok).sum())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +267,7 @@ def image_features_for_templates(features: np.ndarray, norms: np.ndarray | None,
     features = np.asarray(features, np.float32)
     if fusion == "pre_norm_vector_add":
         if norms is None:
-            raise ValueError("pre_norm_vector_add image features need the norms")
+            raise ProtocolError("pre_norm_vector_add image features need the norms")
         return features * np.asarray(norms, np.float32).reshape(-1, 1)
     return features
 
@@ -262,7 +287,7 @@ def image_to_template(img_feats: np.ndarray, templates: np.ndarray, medias: np.n
     img_feats = np.asarray(img_feats)
     n = img_feats.shape[0]
     if templates.shape != (n,) or medias.shape != (n,):
-        raise ValueError(f"{n} image features but {templates.shape[0]} template ids / {medias.shape[0]} media ids")
+        raise ProtocolError(f"{n} image features but {templates.shape[0]} template ids / {medias.shape[0]} media ids")
     unique_t, t_inv = np.unique(templates, return_inverse=True)
     pairs, tm_inv = np.unique(np.stack([t_inv, medias], axis=1), axis=0, return_inverse=True)
     tm_inv = tm_inv.reshape(-1)
@@ -284,7 +309,7 @@ def image_to_template(img_feats: np.ndarray, templates: np.ndarray, medias: np.n
         with np.errstate(invalid="ignore", divide="ignore"):
             t_feats = t_feats / norm
     else:
-        raise ValueError(f"normalize must be 'sklearn' or 'divide', got {normalize!r}")
+        raise ProtocolError(f"normalize must be 'sklearn' or 'divide', got {normalize!r}")
     return unique_t, t_feats.astype(np.float32)
 
 
@@ -292,29 +317,30 @@ def image_to_template(img_feats: np.ndarray, templates: np.ndarray, medias: np.n
 # 1:1 verification (§2.5)
 
 
-def pair_scores(unique_t, t_feats, t1, t2, block: int = 2048, path: str = "<pairs>",
+def pair_scores(unique_t, t_feats, t1, t2, chunk: int = 4096, path: str = "<pairs>",
                 unknown: str = "error") -> np.ndarray:
     """Cosine per pair ``<T[t1], T[t2]>`` (float32); unknown ids raise (no silent row 0).
 
-    Each pair is oriented (lower row, higher row) and grouped by its lower row; one GEMM per
-    block of rows against the rows at or above the block (the upper triangle) gives every score
-    needed. For IJB-C (15.7M pairs over 23k templates) these dense products are several times
-    faster than gathering 2 x 15.7M feature rows; memory is ~ block x T floats.
+    Computed per pair exactly as the reference (``np.sum(feat1 * feat2, -1)`` over chunks of
+    pairs): each score is an elementwise float32 product followed by numpy's fixed-order sum over
+    D, so it depends only on the two feature rows, never on their positions. Identical templates
+    therefore give bit-identical scores and the ROC keeps the reference's exact ties (a blocked
+    matrix product splits such ties: BLAS kernels sum in position-dependent orders).
     """
     r1 = check_known(unique_t, t1, path, "t1", unknown=unknown)
     r2 = check_known(unique_t, t2, path, "t2", unknown=unknown)
     t_feats = np.ascontiguousarray(t_feats, np.float32)
-    lo_row, hi_row = np.minimum(r1, r2), np.maximum(r1, r2)
-    order = np.argsort(lo_row, kind="stable")
-    lo_sorted = lo_row[order]
-    out = np.empty(t1.size, np.float32)
-    for start in range(0, t_feats.shape[0], block):
-        a, b = np.searchsorted(lo_sorted, [start, start + block])
-        if a == b:
-            continue
-        sims = t_feats[start:start + block] @ t_feats[start:].T
-        sel = order[a:b]
-        out[sel] = sims[lo_row[sel] - start, hi_row[sel] - start]
+    out = np.empty(r1.size, np.float32)
+    chunk = max(1, min(int(chunk), r1.size))
+    buf_a = np.empty((chunk, t_feats.shape[1]), np.float32)  # reused: no allocation per chunk
+    buf_b = np.empty_like(buf_a)
+    for start in range(0, r1.size, chunk):
+        stop = min(r1.size, start + chunk)
+        a, b = buf_a[:stop - start], buf_b[:stop - start]
+        np.take(t_feats, r1[start:stop], axis=0, out=a, mode="clip")  # rows checked above; "clip"
+        np.take(t_feats, r2[start:stop], axis=0, out=b, mode="clip")  # is the unbuffered gather
+        np.multiply(a, b, out=a)
+        np.sum(a, -1, out=out[start:stop])
     return out
 
 
@@ -327,9 +353,9 @@ def roc_curve(labels, scores):
     y = np.asarray(labels).astype(bool).reshape(-1)
     s = np.asarray(scores).reshape(-1)
     if y.size != s.size:
-        raise ValueError(f"{y.size} labels but {s.size} scores")
+        raise ProtocolError(f"{y.size} labels but {s.size} scores")
     if s.dtype.kind == "f" and np.isnan(s).any():
-        raise ValueError("scores contain NaN")
+        raise ProtocolError("scores contain NaN")
     s_desc = np.sort(s)[::-1]
     idx = np.r_[np.flatnonzero(s_desc[1:] != s_desc[:-1]), y.size - 1]
     thresholds = s_desc[idx]
@@ -343,7 +369,7 @@ def roc_curve(labels, scores):
     fps = np.r_[0, fps]
     thresholds = np.r_[np.inf, thresholds]
     if fps[-1] == 0 or tps[-1] == 0:
-        raise ValueError("ROC needs both genuine (label 1) and impostor (label 0) pairs")
+        raise ProtocolError("ROC needs both genuine (label 1) and impostor (label 0) pairs")
     return fps / fps[-1], tps / tps[-1], thresholds
 
 
@@ -363,8 +389,8 @@ def verification_11(meta: IJBMeta, img_feats: np.ndarray, far_targets=FAR_TARGET
     ``unknown="row0"`` scores pairs with unknown template ids against row 0 like the reference
     (``load_meta(..., unknown="row0")`` must then be used too)."""
     if img_feats.shape[0] != meta.num_images:
-        raise ValueError(f"{img_feats.shape[0]} image features but {meta.files['name_5pts']} has "
-                         f"{meta.num_images} lines")
+        raise ProtocolError(f"{img_feats.shape[0]} image features but {meta.files['name_5pts']} has "
+                            f"{meta.num_images} lines")
     unique_t, t_feats = image_to_template(img_feats, meta.templates, meta.medias, normalize="sklearn")
     scores = pair_scores(unique_t, t_feats, meta.pair_t1, meta.pair_t2, path=meta.files["pair_label"], unknown=unknown)
     fpr, tpr, _ = roc_curve(meta.pair_label, scores)
@@ -391,23 +417,29 @@ def identification_1n(meta: IJBMeta, img_feats: np.ndarray, tie: str = "stable",
         if not os.path.isfile(files[key]):
             raise FileNotFoundError(f"{meta.name}: missing 1:N file {files[key]}")
     if img_feats.shape[0] != meta.num_images:
-        raise ValueError(f"{img_feats.shape[0]} image features but {meta.num_images} images in the meta files")
+        raise ProtocolError(f"{img_feats.shape[0]} image features but {meta.num_images} images in the meta files")
     known_t, t_feats = image_to_template(img_feats, meta.templates, meta.medias, normalize="divide")
 
-    g_parts = []
-    for key in ("gallery1", "gallery2"):
+    result_dropped = {}
+
+    def read(key):
         tids, sids, lines = read_1n_csv(files[key])
+        if meta.dropped_templates.size:  # templates left out by drop_images
+            gone = np.isin(tids, meta.dropped_templates)
+            result_dropped[f"dropped_{key}_templates"] = int(np.unique(tids[gone]).size)
+            tids, sids, lines = tids[~gone], sids[~gone], lines[~gone]
         check_known(known_t, tids, files[key], "TEMPLATE_ID", lines)
-        g_parts.append((tids, sids, lines))
-    p_tids, p_sids, p_lines = read_1n_csv(files["probe"])
-    check_known(known_t, p_tids, files["probe"], "TEMPLATE_ID", p_lines)
+        return tids, sids, lines
+
+    g_parts = [read("gallery1"), read("gallery2")]
+    p_tids, p_sids, p_lines = read("probe")
 
     g_all_t = np.concatenate([g_parts[0][0], g_parts[1][0]])
     g_all_s = np.concatenate([g_parts[0][1], g_parts[1][1]])
     g_all_l = np.concatenate([g_parts[0][2], g_parts[1][2]])
     g_t, g_s, _ = _template_subjects(g_all_t, g_all_s, g_all_l)
     if g_t.size == 0:
-        raise ValueError(f"{files['gallery1']} + {files['gallery2']}: empty gallery")
+        raise ProtocolError(f"{files['gallery1']} + {files['gallery2']}: empty gallery")
     p_t, p_s, p_l = _template_subjects(p_tids, p_sids, p_lines)
     g_feats = t_feats[np.searchsorted(known_t, g_t)]
     p_feats = t_feats[np.searchsorted(known_t, p_t)]
@@ -417,20 +449,25 @@ def identification_1n(meta: IJBMeta, img_feats: np.ndarray, tie: str = "stable",
     g_sorted = g_s[g_order]
     lo = np.searchsorted(g_sorted, p_s, "left")
     hi = np.searchsorted(g_sorted, p_s, "right")
+    if meta.dropped_templates.size:  # a probe whose only mate was left out cannot be ranked
+        orphan = hi == lo
+        result_dropped["dropped_probes_without_mate"] = int(orphan.sum())
+        p_t, p_s, p_l, p_feats, lo, hi = (x[~orphan] for x in (p_t, p_s, p_l, p_feats, lo, hi))
     bad = np.flatnonzero(hi - lo != 1)
     if bad.size:
         i = bad[0]
-        raise ValueError(f"{files['probe']}:{int(p_l[i])}: probe template {int(p_t[i])} (subject {int(p_s[i])}) "
-                         f"has {int(hi[i] - lo[i])} mates in the merged gallery; exactly 1 is required")
+        raise ProtocolError(f"{files['probe']}:{int(p_l[i])}: probe template {int(p_t[i])} (subject {int(p_s[i])}) "
+                            f"has {int(hi[i] - lo[i])} mates in the merged gallery; exactly 1 is required")
     mate_col = g_order[lo]
 
-    def is_mate(a, b):
-        m = np.zeros((b - a, g_t.size), bool)
-        m[np.arange(b - a), mate_col[a:b]] = True
+    def is_mate(idx):
+        m = np.zeros((idx.size, g_t.size), bool)
+        m[np.arange(idx.size), mate_col[idx]] = True
         return m
 
     rk, _, _ = ranking.mate_ranks_chunked(p_feats, g_feats, is_mate, tie=tie)
-    result = {"rank": ranking.cmc(rk, ranks), "num_probes": int(p_t.size), "num_gallery": int(g_t.size)}
+    result = {"rank": ranking.cmc(rk, ranks), "num_probes": int(p_t.size), "num_gallery": int(g_t.size),
+              **result_dropped}
     result["reference_pooled_tpir_at_fpir"] = _reference_pooled_tpir(p_feats, g_feats, mate_col, fpirs)
 
     # standard per-gallery protocol: probes whose subject is not in gallery k are non-mated there.
@@ -444,10 +481,11 @@ def identification_1n(meta: IJBMeta, img_feats: np.ndarray, tie: str = "stable",
             per_gallery[gname] = {float(f): float("nan") for f in fpirs}  # undefined without both kinds
             continue
 
-        def is_mate_k(a, b, gs=gs, p_s_m=p_s[mated]):
-            return p_s_m[a:b, None] == gs[None, :]
+        def is_mate_k(idx, gs=gs, p_s_m=p_s[mated]):
+            return p_s_m[idx, None] == gs[None, :]
         _, ms, mnm = ranking.mate_ranks_chunked(p_feats[mated], gf, is_mate_k, tie=tie)
-        _, _, nm_max = ranking.mate_ranks_chunked(p_feats[~mated], gf, lambda a, b: np.zeros((b - a, gs.size), bool))
+        _, _, nm_max = ranking.mate_ranks_chunked(p_feats[~mated], gf, 
+                                                  lambda idx: np.zeros((idx.size, gs.size), bool))
         per_gallery[gname] = ranking.standard_tpir_fpir(ms, mnm, nm_max, fpirs)
     result["standard_tpir_at_fpir"] = per_gallery
     result["standard_tpir_at_fpir_mean"] = {f: float(np.mean([g[f] for g in per_gallery.values()]))
@@ -463,12 +501,11 @@ def _reference_pooled_tpir(p_feats, g_feats, mate_col, fpirs, chunk=4096) -> dic
     kmax = max(ks.values())
     top = np.empty(0, np.float32)  # running top-kmax of non-mate scores
     pos = np.empty(nq, np.float32)
-    for a in range(0, nq, chunk):
-        b = min(nq, a + chunk)
-        s = (p_feats[a:b] @ g_feats.T).astype(np.float32)
-        rows = np.arange(b - a)
-        pos[a:b] = s[rows, mate_col[a:b]]
-        s[rows, mate_col[a:b]] = -np.inf
+    for idx, s in ranking.score_chunks(p_feats, g_feats, chunk):  # identical rows -> identical scores
+        s = s.astype(np.float32, copy=False)
+        rows = np.arange(idx.size)
+        pos[idx] = s[rows, mate_col[idx]]
+        s[rows, mate_col[idx]] = -np.inf
         neg = np.concatenate([top, s.reshape(-1)])
         if neg.size > kmax:
             neg = np.partition(neg, neg.size - kmax)[neg.size - kmax:]

@@ -18,7 +18,7 @@ import os
 import numpy as np
 import scipy.sparse
 
-from evaluation import ranking
+from evaluation import ProtocolError, ranking
 
 PROTOCOLS = (
     # name, probe set, gallery sets
@@ -57,7 +57,7 @@ def _rows(path: str, min_cols: int, what: str):
             continue
         tok = line.split(",")
         if len(tok) < min_cols:
-            raise ValueError(f"{path}:{i}: expected >= {min_cols} comma-separated fields ({what}), got {len(tok)}")
+            raise ProtocolError(f"{path}:{i}: expected >= {min_cols} comma-separated fields ({what}), got {len(tok)}")
         out.append((i, tok))
     return out
 
@@ -82,7 +82,7 @@ def build_protocol(folder: str) -> dict[str, list[Template]]:
         gal = []
         for line, t in _rows(path, 3, "_, subject_id, video path"):
             if (t[1], t[2]) not in pair_set:
-                raise ValueError(f"{path}:{line}: (subject {t[1]!r}, video {t[2]!r}) is not in {meta_path}")
+                raise ProtocolError(f"{path}:{line}: (subject {t[1]!r}, video {t[2]!r}) is not in {meta_path}")
             gal.append(Template(t[1], (t[2],)))
         sets[f"video_gallery{k}"] = sorted(set(gal), key=lambda x: (x.subject, x.media))
 
@@ -92,7 +92,7 @@ def build_protocol(folder: str) -> dict[str, list[Template]]:
         for v in listed:
             if v not in by_video:
                 line = 2 + listed.index(v)
-                raise ValueError(f"{path}:{line}: video {v!r} is not in {meta_path}")
+                raise ProtocolError(f"{path}:{line}: video {v!r} is not in {meta_path}")
         wanted = set(listed)
         return [t for t in video_templates if t.media[0] in wanted]
 
@@ -110,11 +110,11 @@ def build_protocol(folder: str) -> dict[str, list[Template]]:
         entry = t[0]
         if entry.startswith("videos"):
             if entry not in by_video:
-                raise ValueError(f"{uav_path}:{line}: video {entry!r} is not in {meta_path}")
+                raise ProtocolError(f"{uav_path}:{line}: video {entry!r} is not in {meta_path}")
             uav += by_video[entry]
         else:
             if entry not in subject_of_media:
-                raise ValueError(f"{uav_path}:{line}: image {entry!r} has no subject in {meta_path}")
+                raise ProtocolError(f"{uav_path}:{line}: image {entry!r} has no subject in {meta_path}")
             uav.append(Template(subject_of_media[entry], (entry,)))
     sets["uav_probe"] = uav
 
@@ -128,7 +128,7 @@ def build_protocol(folder: str) -> dict[str, list[Template]]:
         sets[f"booking_image_gallery{k}"] = [Template(s, tuple(grouped[s])) for s in sorted(grouped)]
     for name, tpls in sets.items():
         if not tpls:
-            raise ValueError(f"IJB-S set {name} is empty (from {folder})")
+            raise ProtocolError(f"IJB-S set {name} is empty (from {folder})")
     return sets
 
 
@@ -138,12 +138,12 @@ def read_image_list(path: str) -> list[str]:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or "path" not in header:
-            raise ValueError(f"{path}:1: expected a header with a 'path' column, got {header}")
+            raise ProtocolError(f"{path}:1: expected a header with a 'path' column, got {header}")
         col = header.index("path")
         paths = []
         for i, row in enumerate(reader, 2):
             if len(row) <= col:
-                raise ValueError(f"{path}:{i}: missing the 'path' column")
+                raise ProtocolError(f"{path}:{i}: missing the 'path' column")
             paths.append(row[col])
     return paths
 
@@ -155,7 +155,7 @@ def image_key(path: str) -> str:
     if stem.startswith("videos_"):
         parts = stem.split("_")
         if len(parts) < 3:
-            raise ValueError(f"{path}: video frame names are videos_<video>_<frame>.jpg")
+            raise ProtocolError(f"{path}: video frame names are videos_<video>_<frame>.jpg")
         return f"{pid}_videos_{parts[1]}"
     return f"{pid}_{stem}"
 
@@ -190,22 +190,22 @@ def identification(probe_feats, probe_subjects, gallery_feats, gallery_subjects,
     mates = ps[:, None] == gs_all[None, :]
     multi = np.flatnonzero(mates.sum(1) > 1)
     if multi.size:
-        raise ValueError(f"probe {int(multi[0])} (subject {ps[multi[0]]}) has {int(mates[multi[0]].sum())} "
-                         "mates across the galleries; at most 1 is allowed")
-    rk, _, _ = ranking.mate_ranks_chunked(probe_feats, g_all, lambda a, b: mates[a:b], tie)
+        raise ProtocolError(f"probe {int(multi[0])} (subject {ps[multi[0]]}) has {int(mates[multi[0]].sum())} "
+                            "mates across the galleries; at most 1 is allowed")
+    rk, _, _ = ranking.mate_ranks_chunked(probe_feats, g_all, lambda idx: mates[idx], tie)
     out = {"rank": ranking.cmc(rk, ranks)}
     per = []
     for g_i, (gf, gsub) in enumerate(zip(gallery_feats, gallery_subjects), 1):
         gsub = np.asarray(gsub)
         m = ps[:, None] == gsub[None, :]
         mated = m.any(1)
-        rk_g, ms_g, _ = ranking.mate_ranks_chunked(probe_feats[mated], gf, lambda a, b, mm=m[mated]: mm[a:b], tie)
+        rk_g, ms_g, _ = ranking.mate_ranks_chunked(probe_feats[mated], gf, lambda idx, mm=m[mated]: mm[idx], tie)
         _, _, nm_max = ranking.mate_ranks_chunked(probe_feats[~mated], gf,
-                                                  lambda a, b: np.zeros((b - a, gsub.size), bool), tie)
+                                                  lambda idx: np.zeros((idx.size, gsub.size), bool), tie)
         try:
             per.append(ranking.open_set_dir(rk_g, ms_g, nm_max, fpirs))
         except ValueError as e:
-            raise ValueError(f"gallery {g_i} ({gsub.size} templates): {e}") from None
+            raise ProtocolError(f"gallery {g_i} ({gsub.size} templates): {e}") from None
     out["open_set_per_gallery"] = per
     out["tpir_at_fpir"] = {f: float(np.mean([p[f] for p in per])) for f in map(float, fpirs)}
     return out
@@ -215,7 +215,7 @@ def evaluate(protocol: dict[str, list[Template]], image_paths: list[str], raw_fe
              names=None, tie="stable") -> dict[str, dict]:
     """Score every protocol of §3.1 (``names`` selects a subset) from per-image raw features."""
     if raw_feats.shape[0] != len(image_paths):
-        raise ValueError(f"{raw_feats.shape[0]} features but {len(image_paths)} image paths")
+        raise ProtocolError(f"{raw_feats.shape[0]} features but {len(image_paths)} image paths")
     keys = [image_key(p) for p in image_paths]
     cache: dict[str, np.ndarray] = {}
 
@@ -233,5 +233,5 @@ def evaluate(protocol: dict[str, list[Template]], image_paths: list[str], raw_fe
             results[name] = identification(feats(probe_set), subj(probe_set), [feats(g) for g in gallery_sets],
                                            [subj(g) for g in gallery_sets], tie=tie)
         except ValueError as e:
-            raise ValueError(f"IJB-S {name} ({probe_set} vs {'/'.join(gallery_sets)}): {e}") from None
+            raise ProtocolError(f"IJB-S {name} ({probe_set} vs {'/'.join(gallery_sets)}): {e}") from None
     return results

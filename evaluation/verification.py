@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from evaluation import ProtocolError
+
 THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 
@@ -23,7 +25,7 @@ VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 def fold_slices(n: int, nrof_folds: int) -> list[slice]:
     """Contiguous KFold(shuffle=False) test blocks: the first ``n % k`` folds get one extra item."""
     if nrof_folds < 2 or n < nrof_folds:
-        raise ValueError(f"need at least {nrof_folds} pairs for {nrof_folds} folds (got {n}); nrof_folds >= 2")
+        raise ProtocolError(f"need at least {nrof_folds} pairs for {nrof_folds} folds (got {n}); nrof_folds >= 2")
     sizes = np.full(nrof_folds, n // nrof_folds, dtype=np.int64)
     sizes[: n % nrof_folds] += 1
     ends = np.cumsum(sizes)
@@ -35,14 +37,22 @@ def pair_distances(embeddings1: np.ndarray, embeddings2: np.ndarray) -> np.ndarr
     embeddings1 = np.asarray(embeddings1)
     embeddings2 = np.asarray(embeddings2)
     if embeddings1.shape != embeddings2.shape or embeddings1.ndim != 2:
-        raise ValueError(f"embedding sides must both be (N, D); got {embeddings1.shape} and {embeddings2.shape}")
+        raise ProtocolError(f"embedding sides must both be (N, D); got {embeddings1.shape} and {embeddings2.shape}")
     return np.sum(np.square(np.subtract(embeddings1, embeddings2)), 1)
+
+
+def _check_pair_count(dist, issame) -> int:
+    """The reference truncates to ``min(len(issame), len(dist))``; a mismatch is an error here."""
+    if len(issame) != dist.shape[0]:
+        raise ProtocolError(f"{dist.shape[0]} pairs of embeddings but {len(issame)} issame labels; "
+                            "expected one label per pair")
+    return int(dist.shape[0])
 
 
 def _split_pairs(embeddings, actual_issame):
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] % 2:
-        raise ValueError(f"embeddings must be (2N, D) with pairs interleaved; got shape {embeddings.shape}")
+        raise ProtocolError(f"embeddings must be (2N, D) with pairs interleaved; got shape {embeddings.shape}")
     issame = np.asarray(actual_issame).astype(bool).reshape(-1)
     return embeddings[0::2], embeddings[1::2], issame
 
@@ -51,7 +61,7 @@ def _accepted_counts(dist, issame, folds, thresholds):
     """accepted[f, c, t] = #pairs of fold f, class c (0 diff, 1 same) with ``dist < thresholds[t]``."""
     thresholds = np.asarray(thresholds, dtype=np.float64)
     if thresholds.ndim != 1 or np.any(np.diff(thresholds) < 0):
-        raise ValueError("thresholds must be a 1-D ascending array")
+        raise ProtocolError("thresholds must be a 1-D ascending array")
     nt = thresholds.size
     fold_of = np.empty(dist.shape[0], dtype=np.int64)
     for f, s in enumerate(folds):
@@ -75,8 +85,7 @@ def calculate_roc(thresholds, embeddings1, embeddings2, actual_issame, nrof_fold
     thresholds = np.asarray(thresholds)
     dist = pair_distances(embeddings1, embeddings2)
     issame = np.asarray(actual_issame).astype(bool).reshape(-1)
-    nrof_pairs = min(len(issame), dist.shape[0])
-    dist, issame = dist[:nrof_pairs], issame[:nrof_pairs]
+    nrof_pairs = _check_pair_count(dist, issame)
     folds = fold_slices(nrof_pairs, nrof_folds)
     accepted, sizes = _accepted_counts(dist, issame, folds, thresholds)
     fp, tp = accepted[:, 0], accepted[:, 1]                 # (F, T)
@@ -123,7 +132,7 @@ def slinear_threshold(far_train: np.ndarray, thresholds: np.ndarray, far_target:
     below = np.flatnonzero(far_train < far_target)
     above = np.flatnonzero(far_train > far_target)
     if below.size == 0 or above.size == 0:
-        raise ValueError(f"far_target {far_target} outside the FAR range [{far_train.min()}, {far_train.max()}]")
+        raise ProtocolError(f"far_target {far_target} outside the FAR range [{far_train.min()}, {far_train.max()}]")
     lo_val = far_train[below].max()
     hi_val = far_train[above].min()
     i_lo = np.flatnonzero(far_train == lo_val)[-1]
@@ -137,8 +146,7 @@ def calculate_val(thresholds, embeddings1, embeddings2, actual_issame, far_targe
     thresholds = np.asarray(thresholds, dtype=np.float64)
     dist = pair_distances(embeddings1, embeddings2)
     issame = np.asarray(actual_issame).astype(bool).reshape(-1)
-    nrof_pairs = min(len(issame), dist.shape[0])
-    dist, issame = dist[:nrof_pairs], issame[:nrof_pairs]
+    nrof_pairs = _check_pair_count(dist, issame)
     folds = fold_slices(nrof_pairs, nrof_folds)
     accepted, sizes = _accepted_counts(dist, issame, folds, thresholds)
     fa_all, n_diff_all = accepted[:, 0].sum(0), sizes[:, 0].sum()

@@ -65,6 +65,7 @@ def test_hq_checkpoint_path_with_tiny_model(tmp_path, monkeypatch):
     write_bin(str(tmp_path / "lfw.bin"), bins, issame)
     out = tmp_path / "out"
     feats_file = tmp_path / "saved.npz"
+    (tmp_path / "ckpt").mkdir()  # load_pretrained is patched; the path must exist
     assert run_cli(["--protocol", "hq", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path),
                     "--out", str(out), "--batch-size", "8", "--save-features", str(feats_file),
                     "--cache-dir", str(tmp_path / "cache")]) == 0
@@ -124,7 +125,10 @@ def test_tinyface_and_ijbs_features_files(tmp_path):
     assert [float(v) for v in text[1].split(",")[1:]] == pytest.approx(list(ref["surveillance_to_single"]["rank"].values()))
 
 
-def test_missing_array_in_features_file(tmp_path):
+def test_missing_array_in_features_file(tmp_path, capsys):
     np.savez(tmp_path / "f.npz", names=np.array(["lfw"]), features_lfw=np.zeros((4, 2), np.float32))
-    with pytest.raises(KeyError, match="f.npz: missing array 'issame_lfw'"):
-        run_cli(["--protocol", "hq", "--features", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o")])
+    assert run_cli(["--protocol", "hq", "--features", str(tmp_path / "f.npz"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("adaface-jax evaluate: error: ")
+    assert "f.npz: missing array 'issame_lfw'" in err[0]
+    assert not (tmp_path / "o").exists()

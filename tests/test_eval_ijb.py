@@ -260,7 +260,7 @@ def test_wrong_feature_count(tmp_path):
 # ---- alignment of loose crops (§2.2) ----------------------------------------------------------
 
 def test_loose_crop_alignment_matches_skimage_cv2(tmp_path):
-    pytest.importorskip("adaface_jax.align")
+    import adaface_jax.align  # noqa: F401,PLC0415  (iter_aligned_images warps with it)
     rng = np.random.default_rng(0)
     crop_dir = tmp_path / "IJBC" / "loose_crop"
     crop_dir.mkdir(parents=True)
@@ -280,7 +280,7 @@ def test_loose_crop_alignment_matches_skimage_cv2(tmp_path):
 
 
 def test_missing_loose_crop(tmp_path):
-    pytest.importorskip("adaface_jax.align")
+    import adaface_jax.align  # noqa: F401,PLC0415  (iter_aligned_images warps with it)
     meta = small_meta(tmp_path)
     with pytest.raises(FileNotFoundError, match="a.jpg"):
         next(ijb.iter_aligned_images(meta))
@@ -292,7 +292,7 @@ def test_pair_scores_blocked_against_direct():
     uniq = np.arange(100, 123)
     t1 = rng.integers(100, 123, 300)
     t2 = rng.integers(100, 123, 300)
-    got = ijb.pair_scores(uniq, tf, t1, t2, block=4)
+    got = ijb.pair_scores(uniq, tf, t1, t2, chunk=4)
     ref = np.array([tf[a - 100].astype(np.float64) @ tf[b - 100] for a, b in zip(t1, t2)])
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pairs.txt:3: unknown template id 5 in column t2"):
@@ -308,8 +308,8 @@ def test_standard_tpir_random_against_loop():
     p = g[np.minimum(p_subj, 9)] + 0.9 * rng.normal(size=(200, 4))
     p /= np.linalg.norm(p, axis=1, keepdims=True)
     mated = p_subj < 10
-    _, ms, mnm = ranking.mate_ranks_chunked(p[mated], g, lambda a, b: p_subj[mated][a:b, None] == g_subj[None], chunk=17)
-    _, _, nm = ranking.mate_ranks_chunked(p[~mated], g, lambda a, b: np.zeros((b - a, 10), bool), chunk=17)
+    _, ms, mnm = ranking.mate_ranks_chunked(p[mated], g, lambda idx: p_subj[mated][idx, None] == g_subj[None], chunk=17)
+    _, _, nm = ranking.mate_ranks_chunked(p[~mated], g, lambda idx: np.zeros((idx.size, 10), bool), chunk=17)
     got = ranking.standard_tpir_fpir(ms, mnm, nm, (0.01, 0.1, 0.3))
     s = p @ g.T
     nm_max = sorted((s[i].max() for i in range(200) if not mated[i]), reverse=True)

@@ -11,7 +11,13 @@ Features file (.npz, no pickles; written by ``--save-features``, or by any model
     ``fusion`` (0-d str; IJB multiplies the feature by the norm for pre_norm_vector_add) and
     ``flip_test`` (0-d bool). IJB-S expects ``flip_test`` False (the raw feature is features*norms).
 Outputs under ``--out`` (default ``results/<protocol>/<name>``): ``results.json``, the reference
-CSVs and ROC/CMC PNGs. The checkpoint is loaded with ``adaface_jax.inference.load_pretrained``.
+CSVs and ROC/CMC PNGs; they are written to a hidden staging folder and moved in only when the run
+succeeds. The checkpoint is loaded with ``adaface_jax.inference.load_pretrained``.
+NaN feature rows (failed photos) are an error unless ``--drop-nan`` leaves them out (counts in
+the output and results.json). ``--cache-dir`` caches features under a key made of the weights'
+content hash, the source files (a .bin's content hash; for image folders each file's size and
+mtime, plus the meta files' content), flip, fusion, compute dtype and backend; a hit is verified
+against the key stored in the cache file.
 """
 from __future__ import annotations
 
@@ -21,11 +27,15 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
+import zipfile
 
 import numpy as np
 
-from evaluation import ijb, ijbs, plots, tinyface, verification
+from adaface_jax.errors import InputError
+from evaluation import ProtocolError, ijb, ijbs, plots, tinyface, verification
 
 HQ_SETS = ("agedb_30", "cfp_fp", "lfw", "cplfw", "calfw")
 PROTOCOLS = ("hq", "ijbb", "ijbc", "ijbs", "tinyface")
@@ -59,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TinyFace file-stem collision: error, or keep the last file (reference)")
     parser.add_argument("--unknown-templates", default="error", choices=("error", "row0"),
                         help="IJB 1:1 pair with an unknown template id: error, or use row 0 (reference)")
+    parser.add_argument("--tinyface-protocol", help="folder holding TinyFace's probe_img_ID_pairs.mat and "
+                                                    "gallery_match_img_ID_pairs.mat (default "
+                                                    "<data>/tinyface/Testing_Set; used when present)")
+    parser.add_argument("--drop-nan", action="store_true",
+                        help="leave NaN feature rows (photos `adaface-jax embed` could not process) out, with "
+                             "the pairs/templates/probes that use them, and report the counts; by default "
+                             "NaN rows are an error")
 
 
 # ---------------------------------------------------------------------------------------------- io
@@ -92,28 +109,146 @@ def _jsonable(x):
     return x
 
 
+class _Output:
+    """The output folder, checked up front; files go to a hidden staging folder inside it and are
+    moved in by ``commit`` only after the whole run succeeded (``abort`` removes what we made)."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise InputError(f"--out {out_dir}: exists and is not a folder")
+        d, self.created = os.path.abspath(out_dir), None
+        while not os.path.exists(d):
+            self.created, d = d, os.path.dirname(d)
+        if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
+            raise InputError(f"--out {out_dir}: cannot create files under {d} (not a writable folder)")
+        os.makedirs(out_dir, exist_ok=True)
+        self.staging = tempfile.mkdtemp(prefix=".partial-", dir=out_dir)
+
+    def commit(self):
+        for f in sorted(os.listdir(self.staging)):
+            os.replace(os.path.join(self.staging, f), os.path.join(self.out_dir, f))
+        os.rmdir(self.staging)
+
+    def abort(self):
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.created is None:
+            return
+        d = os.path.abspath(self.out_dir)  # remove the folders we created, only while empty
+        while True:
+            try:
+                os.rmdir(d)
+            except OSError:
+                return
+            if d == self.created:
+                return
+            d = os.path.dirname(d)
+
+
 def load_features_npz(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"features file not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        raise InputError(f"features file not found: {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ProtocolError(f"{path}: not a readable .npz features file ({e}); expected np.savez output "
+                            "(see `adaface-jax evaluate --help`)") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ProtocolError(f"{path}: a single .npy array, not an .npz archive of named arrays "
+                            "(see `adaface-jax evaluate --help`)")
+    try:
+        with z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ProtocolError(f"{path}: cannot read its arrays ({e}); expected plain numeric/string arrays") from None
 
 
 def _require(d, key, path):
     if key not in d:
-        raise KeyError(f"{path}: missing array {key!r} (see `adaface-jax evaluate --help`)")
+        raise ProtocolError(f"{path}: missing array {key!r}; it has {sorted(d)} (see `adaface-jax evaluate --help`)")
     return d[key]
+
+
+def _feature_matrix(arr, where, rows=None):
+    """A numeric (N, D) array, N == rows when given; errors name ``where`` (file: key)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiu" or arr.ndim != 2 or arr.shape[1] == 0:
+        raise ProtocolError(f"{where}: expected a numeric (N, D) array, got dtype {arr.dtype} shape {arr.shape}")
+    if rows is not None and arr.shape[0] != rows:
+        raise ProtocolError(f"{where}: {arr.shape[0]} rows but the protocol has {rows} images; expected one row "
+                            "per image in the protocol's order")
+    return arr
+
+
+def _norm_column(arr, where, rows):
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiu" or arr.size != rows or arr.ndim not in (1, 2):
+        raise ProtocolError(f"{where}: expected numeric norms (N, 1) with N = {rows}, got dtype {arr.dtype} "
+                            f"shape {arr.shape}")
+    return arr.reshape(-1, 1)
+
+
+def bad_rows(features, norms=None) -> np.ndarray:
+    """Indices of feature rows that are not finite (NaN rows: photos that could not be embedded)."""
+    ok = np.isfinite(features).all(axis=1)
+    if norms is not None:
+        ok &= np.isfinite(np.asarray(norms)).reshape(-1)
+    return np.flatnonzero(~ok)
+
+
+def _refuse_nan(bad, n, where):
+    shown = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if bad.size > 10 else "")
+    raise ProtocolError(f"{where}: {bad.size} of {n} feature rows are NaN/inf (rows {shown}), e.g. photos "
+                        "`adaface-jax embed` could not process; pass --drop-nan to leave them out (with the "
+                        "pairs/templates that use them)")
+
+
+def _report_dropped(info):
+    if info:
+        print("left out (--drop-nan): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in info.items()))
 
 
 # ------------------------------------------------------------------------------------------ models
 
 
+def _weights_digest(variables) -> str:
+    """sha256 of every variable's path, dtype, shape and bytes: the weights' content."""
+    import jax  # noqa: PLC0415
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
+def files_digest(paths, content: bool) -> str:
+    """Fingerprint of source files: size + sha256 of the bytes (``content``), or, for folders of
+    many images, relative path + size + mtime_ns of each file (no re-read of every image)."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        if content:
+            h.update(f"{st.st_size}|".encode())
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 class _Extractor:
-    """Lazily loads the checkpoint and embeds images through adaface_jax.features."""
+    """Lazily loads the checkpoint and embeds images through adaface_jax.features.
+
+    With ``--cache-dir`` the cache key is what determines the features: the loaded weights'
+    content hash, the source files' fingerprint, flip, fusion, the module's compute dtype and the
+    JAX backend; ``extract_features`` stores the key and compares it on a hit."""
 
     def __init__(self, args):
         self.args = args
         self._model = None
+        self._weights = None
 
     def model(self):
         if self._model is None:
@@ -121,15 +256,20 @@ class _Extractor:
             self._model = load_pretrained(self.args.checkpoint)
         return self._model
 
-    def __call__(self, images, key, flip_test, num_images=None):
+    def cache_key(self, key, flip_test, sources_digest):
+        import jax  # noqa: PLC0415
+        m = self.model()
+        if self._weights is None:
+            self._weights = _weights_digest(m.variables)
+        stem = os.path.basename(os.path.normpath(self.args.checkpoint))
+        return (f"{stem}-{key}|weights={self._weights}|images={sources_digest}|flip={int(flip_test)}"
+                f"|fusion={self.args.fusion}|module={type(m.module).__name__}"
+                f"|dtype={getattr(m.module, 'dtype', None)}|backend={jax.default_backend()}")
+
+    def __call__(self, images, key, flip_test, sources_digest, num_images=None):
         from adaface_jax.features import extract_features  # noqa: PLC0415
         m = self.model()
-        cache_key = None
-        if self.args.cache_dir:  # checkpoint identity: name + hash of its absolute path and mtime
-            ckpt = os.path.abspath(self.args.checkpoint)
-            stamp = os.path.getmtime(ckpt) if os.path.exists(ckpt) else 0.0
-            digest = hashlib.sha1(f"{ckpt}|{stamp}|{self.args.no_flip}".encode()).hexdigest()[:10]
-            cache_key = f"{os.path.basename(os.path.normpath(ckpt))}-{digest}-{key}"
+        cache_key = self.cache_key(key, flip_test, sources_digest) if self.args.cache_dir else None
         return extract_features(m.module, m.variables, images, batch_size=self.args.batch_size,
                                 flip_test=flip_test, fusion=self.args.fusion, cache_dir=self.args.cache_dir,
                                 cache_key=cache_key, num_images=num_images, desc=key)
@@ -140,45 +280,97 @@ def _imread_bgr(paths):
     for p in paths:
         img = cv2.imread(p, cv2.IMREAD_COLOR)
         if img is None:
-            raise FileNotFoundError(f"cannot read image {p}")
+            raise InputError(f"cannot read image {p}")
         yield img[None]
+
+
+def _check_images_exist(paths, what):
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise InputError(f"{len(missing)} {what} image(s) missing, e.g. {missing[0]}")
 
 
 # --------------------------------------------------------------------------------------- protocols
 
 
+def _hq_bins(args):
+    bins = list(args.bin)
+    for p in bins:
+        if not os.path.isfile(p):
+            raise InputError(f"--bin {p}: no such file")
+    if args.data:
+        if not os.path.isdir(args.data):
+            raise InputError(f"--data {args.data}: not a folder")
+        found = [p for p in (os.path.join(args.data, f"{s}.bin") for s in HQ_SETS) if os.path.isfile(p)]
+        found = found or sorted(glob.glob(os.path.join(args.data, "*.bin")))
+        if not found:
+            raise InputError(f"--data {args.data}: no .bin file in this folder; expected {'/'.join(HQ_SETS)}.bin "
+                             "(or give --bin PATH)")
+        bins += found
+    if not bins:
+        raise InputError(f"no .bin files: give --bin PATH or --data with {'/'.join(HQ_SETS)}.bin")
+    names = [os.path.splitext(os.path.basename(p))[0] for p in bins]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"two .bin files named {dup[0]!r}: {[p for p, n in zip(bins, names) if n == dup[0]]}")
+    return bins
+
+
+def _hq_pairs(feats, issame, where, drop_nan):
+    """Check one set's (2N, D) features and N labels; leave out pairs with a NaN row (--drop-nan)."""
+    feats = _feature_matrix(feats, where)
+    issame = np.asarray(issame)
+    if feats.shape[0] % 2:
+        raise ProtocolError(f"{where}: {feats.shape[0]} rows; expected an even number (pair i = rows 2i, 2i+1)")
+    if issame.ndim != 1 or issame.size != feats.shape[0] // 2:
+        raise ProtocolError(f"{where}: {feats.shape[0]} rows make {feats.shape[0] // 2} pairs but there are "
+                            f"{issame.size} issame labels (shape {issame.shape}); expected one label per pair")
+    bad = bad_rows(feats)
+    if not bad.size:
+        return feats, issame.astype(bool), {}
+    if not drop_nan:
+        _refuse_nan(bad, feats.shape[0], where)
+    pair_bad = np.zeros(issame.size, bool)
+    pair_bad[bad // 2] = True
+    keep_rows = np.repeat(~pair_bad, 2)
+    return feats[keep_rows], issame.astype(bool)[~pair_bad], {"dropped_nan_rows": int(bad.size),
+                                                             "dropped_pairs": int(pair_bad.sum())}
+
+
 def run_hq(args, out_dir, name):
+    data = {}
     if args.features:
         z = load_features_npz(args.features)
-        sets = [str(s) for s in _require(z, "names", args.features)]
-        data = {s: (_require(z, f"features_{s}", args.features), _require(z, f"issame_{s}", args.features))
-                for s in sets}
+        sets = [str(s) for s in np.asarray(_require(z, "names", args.features)).reshape(-1)]
+        raw = {s: (_require(z, f"features_{s}", args.features), _require(z, f"issame_{s}", args.features))
+               for s in sets}
+        for s, (f, i) in raw.items():
+            data[s] = _hq_pairs(f, i, f"{args.features}: features_{s}", args.drop_nan)
     else:
-        bins = list(args.bin)
-        if args.data:
-            found = [os.path.join(args.data, f"{s}.bin") for s in HQ_SETS]
-            bins += [p for p in found if os.path.isfile(p)]
-            if not bins:
-                bins += sorted(glob.glob(os.path.join(args.data, "*.bin")))
-        if not bins:
-            raise FileNotFoundError(f"no .bin files: give --bin PATH or --data with {'/'.join(HQ_SETS)}.bin")
         from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
-        extract = _Extractor(args)
-        data, saved = {}, {}
-        for path in bins:
-            s = os.path.splitext(os.path.basename(path))[0]
+        loaded = {}
+        for path in _hq_bins(args):  # every .bin exists and parses before the model is loaded
             images, issame = load_bin(path, cache_dir=args.cache_dir)
-            feats, norms = extract(images, s, flip_test=not args.no_flip)
-            data[s] = (feats, issame)
+            if images.shape[0] != 2 * len(issame):
+                raise ProtocolError(f"{path}: {images.shape[0]} images but {len(issame)} issame labels; "
+                                    "expected 2 images per pair")
+            loaded[os.path.splitext(os.path.basename(path))[0]] = (path, images, issame)
+        extract = _Extractor(args)
+        saved = {}
+        for s, (path, images, issame) in loaded.items():
+            feats, norms = extract(images, s, flip_test=not args.no_flip, sources_digest=files_digest([path], True))
             saved.update({f"features_{s}": feats, f"norms_{s}": norms, f"issame_{s}": np.asarray(issame, bool)})
+            data[s] = _hq_pairs(feats, issame, f"{path} (extracted features)", args.drop_nan)
         if args.save_features:
             from adaface_jax.features import save_npz_atomic  # noqa: PLC0415
-            save_npz_atomic(args.save_features, names=np.array(list(data)), **saved)
+            save_npz_atomic(args.save_features, names=np.array(list(loaded)), **saved)
     rows, results, curves = [], {}, {}
-    for s, (feats, issame) in data.items():
+    for s, (feats, issame, dropped) in data.items():
         res = verification.summarize(s, np.asarray(feats), np.asarray(issame, bool), args.nrof_folds)
         curves[s] = res.pop("roc")
+        res.update(dropped)
         results[s] = res
+        _report_dropped({f"{s}: {k}": v for k, v in dropped.items()})
         rows.append([s, f"{res['accuracy']:.4f}", f"{res['accuracy_std']:.4f}", f"{res['best_threshold']:.4f}",
                      f"{res['tar@far=1e-3']:.4f}", res["num_samples"]])
     mean_acc = float(np.mean([r["accuracy"] for r in results.values()]))
@@ -189,30 +381,65 @@ def run_hq(args, out_dir, name):
     return {"sets": results, "mean_accuracy": mean_acc}
 
 
-def _features_for(args, key, image_iter_fn, num_images, flip_test):
-    """(features, norms, fusion) from --features or by embedding the images."""
+def _features_for(args, key, image_iter_fn, num_images, flip_test, sources_fn):
+    """(features, norms, fusion, where) from --features or by embedding the images; ``sources_fn()``
+    fingerprints the source files for the cache key."""
     if args.features:
         z = load_features_npz(args.features)
-        feats = _require(z, "features", args.features)
-        norms = z.get("norms")
+        feats = _feature_matrix(_require(z, "features", args.features), f"{args.features}: features", num_images)
+        norms = _norm_column(z["norms"], f"{args.features}: norms", num_images) if "norms" in z else None
         fusion = str(z["fusion"]) if "fusion" in z else args.fusion
-        if feats.shape[0] != num_images:
-            raise ValueError(f"{args.features}: {feats.shape[0]} feature rows but the protocol has {num_images} images")
-        return feats, norms, fusion
-    feats, norms = _Extractor(args)(image_iter_fn(), key, flip_test=flip_test, num_images=num_images)
+        return feats, norms, fusion, args.features
+    extract = _Extractor(args)
+    digest = sources_fn() if args.cache_dir else None
+    feats, norms = extract(image_iter_fn(), key, flip_test=flip_test, sources_digest=digest, num_images=num_images)
     if args.save_features:
         from adaface_jax.features import save_npz_atomic  # noqa: PLC0415
         save_npz_atomic(args.save_features, features=feats, norms=norms, fusion=np.array(args.fusion),
                         flip_test=np.array(flip_test))
-    return feats, norms, args.fusion
+    return feats, norms, args.fusion, f"{key} (extracted features)"
+
+
+def _require_data(args, what):
+    if not args.data:
+        raise InputError(f"--data ROOT ({what}) is required")
+    if not os.path.isdir(args.data):
+        raise InputError(f"--data {args.data}: not a folder ({what})")
 
 
 def run_ijb(args, out_dir, name, ds):
-    if not args.data:
-        raise ValueError("--data ROOT (the folder holding IJBB/ or IJBC/) is required")
+    _require_data(args, f"the folder holding {ds}/")
     meta = ijb.load_meta(args.data, ds, unknown=args.unknown_templates)
-    feats, norms, fusion = _features_for(args, ds.lower(), lambda: (x[None] for x in ijb.iter_aligned_images(meta)),
-                                         meta.num_images, flip_test=not args.no_flip)
+    has_1n = all(os.path.isfile(meta.files[k]) for k in ("gallery1", "gallery2", "probe"))
+    if has_1n:  # parse the 1:N files before any expensive work
+        for k in ("gallery1", "gallery2", "probe"):
+            ijb.read_1n_csv(meta.files[k])
+    if not args.features:
+        _check_images_exist([os.path.join(meta.files["loose_crop"], n) for n in meta.image_names], f"{ds} loose-crop")
+
+    def sources():
+        crops = [os.path.join(meta.files["loose_crop"], n) for n in meta.image_names]
+        meta_digest = files_digest([meta.files["name_5pts"], meta.files["tid_mid"]], True)
+        return f"{meta_digest}:{files_digest(crops, False)}"
+
+    feats, norms, fusion, where = _features_for(
+        args, ds.lower(), lambda: (x[None] for x in ijb.iter_aligned_images(meta)), meta.num_images,
+        flip_test=not args.no_flip, sources_fn=sources)
+    if fusion == "pre_norm_vector_add" and norms is None:
+        raise ProtocolError(f"{where}: missing array 'norms'; fusion pre_norm_vector_add multiplies each feature "
+                            "by its norm")
+    dropped = {}
+    bad = bad_rows(feats, norms)
+    if bad.size:
+        if not args.drop_nan:
+            _refuse_nan(bad, feats.shape[0], where)
+        keep = np.ones(feats.shape[0], bool)
+        keep[bad] = False
+        meta, dropped = ijb.drop_images(meta, keep)
+        feats = feats[keep]
+        norms = None if norms is None else norms[keep]
+        dropped = {"dropped_nan_rows": int(bad.size), **dropped}
+        _report_dropped(dropped)
     img_feats = ijb.image_features_for_templates(feats, norms, fusion)
     ver = ijb.verification_11(meta, img_feats, unknown=args.unknown_templates)
     fpr, tpr = ver.pop("fpr"), ver.pop("tpr")
@@ -222,8 +449,8 @@ def run_ijb(args, out_dir, name, ds):
     plots.plot_roc({f"{name}-{ds}": (fpr, tpr, ver["auc"])}, os.path.join(out_dir, "verification_roc.png"),
                    title=f"{ds} 1:1 ROC")
     _print_table(["FAR"] + [f"{f:g}" for f in fars], [["TAR %"] + [f"{ver['tar_at_far'][f] * 100:.2f}" for f in fars]])
-    out = {"verification": ver}
-    if all(os.path.isfile(meta.files[k]) for k in ("gallery1", "gallery2", "probe")):
+    out = {"verification": ver, **dropped}
+    if has_1n:
         ident = ijb.identification_1n(meta, img_feats, tie=args.tie)
         r = ident["rank"]
         _write_csv(os.path.join(out_dir, "identification_result.csv"), ["", "top1", "top5", "top10"],
@@ -242,30 +469,50 @@ def run_ijb(args, out_dir, name, ds):
 
 
 def run_tinyface(args, out_dir, name):
-    if not args.data:
-        raise ValueError("--data ROOT (holding aligned_pad_0.1_pad_high/) is required")
-    proto = tinyface.build_protocol(args.data, on_collision=args.tinyface_on_collision)
-    feats, _, _ = _features_for(args, "tinyface", lambda: _imread_bgr(proto.image_paths), len(proto.image_paths),
-                                flip_test=not args.no_flip)
+    _require_data(args, "holding aligned_pad_0.1_pad_high/")
+    proto = tinyface.build_protocol(args.data, on_collision=args.tinyface_on_collision, mat_dir=args.tinyface_protocol)
+    feats, norms, _, where = _features_for(args, "tinyface", lambda: _imread_bgr(proto.image_paths),
+                                           len(proto.image_paths), flip_test=not args.no_flip,
+                                           sources_fn=lambda: files_digest(proto.image_paths, False))
+    dropped = {}
+    bad = bad_rows(feats)
+    if bad.size:
+        if not args.drop_nan:
+            _refuse_nan(bad, feats.shape[0], where)
+        proto, dropped = tinyface.drop_rows(proto, bad)
+        dropped = {"dropped_nan_rows": int(bad.size), **dropped}
+        _report_dropped(dropped)
     res = tinyface.evaluate(feats, proto, tie=args.tie)
     _write_csv(os.path.join(out_dir, "result.csv"), ["rank", "values"], [[k, v] for k, v in res.items()])
     plots.plot_cmc({name: res}, os.path.join(out_dir, "cmc.png"), title="TinyFace")
     _print_table(["TinyFace", *(f"rank{k}" for k in res)], [[name, *(f"{v:.4f}" for v in res.values())]])
-    return {"rank": res}
+    return {"rank": res, **dropped}
 
 
 def run_ijbs(args, out_dir, name):
-    if not args.data:
-        raise ValueError("--data ROOT (the IJB-S image root) is required")
+    _require_data(args, "the IJB-S image root")
     list_path = args.ijbs_image_list or os.path.join(args.data, "image_list_mtcnn_fail_skipped_v1.csv")
     proto_dir = args.ijbs_protocol or os.path.join(args.data, "protocol")
     paths = ijbs.read_image_list(list_path)
     proto = ijbs.build_protocol(proto_dir)
-    feats, norms, _ = _features_for(args, "ijbs", lambda: _imread_bgr(os.path.join(args.data, p) for p in paths),
-                                    len(paths), flip_test=False)
+    full = [os.path.join(args.data, p) for p in paths]
+    if not args.features:
+        _check_images_exist(full, "IJB-S")
+    feats, norms, _, where = _features_for(args, "ijbs", lambda: _imread_bgr(full), len(paths), flip_test=False,
+                                           sources_fn=lambda: files_digest(full, False))
     if norms is None:
-        raise KeyError(f"{args.features}: IJB-S needs 'norms' (raw feature = features * norms)")
+        raise ProtocolError(f"{where}: missing array 'norms'; IJB-S needs them (raw feature = features * norms)")
     raw = np.asarray(feats, np.float32) * np.asarray(norms, np.float32).reshape(-1, 1)
+    dropped = {}
+    bad = bad_rows(feats, norms)
+    if bad.size:
+        if not args.drop_nan:
+            _refuse_nan(bad, feats.shape[0], where)
+        keep = np.ones(len(paths), bool)
+        keep[bad] = False
+        paths, raw = [p for p, k in zip(paths, keep) if k], raw[keep]
+        dropped = {"dropped_nan_rows": int(bad.size)}
+        _report_dropped(dropped)
     res = ijbs.evaluate(proto, paths, raw, tie=args.tie)
     rows = []
     lines = []
@@ -276,7 +523,7 @@ def run_ijbs(args, out_dir, name):
                   f"{proto_name},0.01_FPIR,0.1_FPIR", "openset," + ",".join(str(v) for v in op.values())]
     _atomic_write_text(os.path.join(out_dir, "pre_norm_vector_add_cos_result.csv"), "\n".join(lines) + "\n")
     _print_table(["IJB-S", "rank1", "rank5", "rank10", "TPIR@1%", "TPIR@10%"], rows)
-    return res
+    return {**res, **dropped}
 
 
 def _print_table(header, rows):
@@ -290,19 +537,28 @@ def _print_table(header, rows):
 
 def run(args) -> int:
     source = args.checkpoint or args.features
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        raise InputError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    if args.features and not os.path.isfile(args.features):
+        raise InputError(f"--features {args.features}: no such file")
     name = args.name or os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
-    out_dir = args.out or os.path.join("results", args.protocol, name)
-    os.makedirs(out_dir, exist_ok=True)
-    if args.protocol == "hq":
-        results = run_hq(args, out_dir, name)
-    elif args.protocol in ("ijbb", "ijbc"):
-        results = run_ijb(args, out_dir, name, args.protocol.upper())
-    elif args.protocol == "tinyface":
-        results = run_tinyface(args, out_dir, name)
-    else:
-        results = run_ijbs(args, out_dir, name)
-    summary = {"protocol": args.protocol, "name": name, "source": source, "fusion": args.fusion,
-               "flip_test": not args.no_flip, "tie": args.tie, "results": _jsonable(results)}
-    _atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2, allow_nan=True))
-    print(f"results written to {out_dir}")
+    out = _Output(args.out or os.path.join("results", args.protocol, name))
+    try:
+        if args.protocol == "hq":
+            results = run_hq(args, out.staging, name)
+        elif args.protocol in ("ijbb", "ijbc"):
+            results = run_ijb(args, out.staging, name, args.protocol.upper())
+        elif args.protocol == "tinyface":
+            results = run_tinyface(args, out.staging, name)
+        else:
+            results = run_ijbs(args, out.staging, name)
+        summary = {"protocol": args.protocol, "name": name, "source": source, "fusion": args.fusion,
+                   "flip_test": not args.no_flip, "tie": args.tie, "drop_nan": bool(args.drop_nan),
+                   "results": _jsonable(results)}
+        _atomic_write_text(os.path.join(out.staging, "results.json"), json.dumps(summary, indent=2, allow_nan=True))
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    print(f"results written to {out.out_dir}")
     return 0
