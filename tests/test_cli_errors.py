@@ -106,6 +106,20 @@ def test_a_refused_unsafe_pickle_is_one_line_in_every_command(files, tmp_path, c
     assert not files["sentinel"].exists()
 
 
+def test_evaluate_refuses_an_unsafe_checkpoint_in_one_line(files, tmp_path, capsys):
+    import cv2
+
+    from data_pipeline.bin_reader import write_bin
+
+    face = cv2.imencode(".png", np.full((112, 112, 3), 128, np.uint8))[1].tobytes()
+    write_bin(str(tmp_path / "lfw.bin"), [face] * 20, [True, False] * 5)
+    argv = ["evaluate", "--protocol", "hq", "--checkpoint", str(files["evil"]), "--bin", str(tmp_path / "lfw.bin"),
+            "--out", str(tmp_path / "res")]
+    assert main(argv) == 1
+    one_error_line(capsys, "evaluate", "evil.ckpt", "refusing to call")
+    assert not files["sentinel"].exists() and not (tmp_path / "res").exists()
+
+
 @pytest.mark.parametrize("command", ["export", "embed", "compare", "train"])
 def test_truncated_checkpoint_is_one_line_in_every_command(files, tmp_path, capsys, command):
     assert main(_run_with(command, files["truncated"], tmp_path)) == 1
