@@ -44,8 +44,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".t
 
 @dataclasses.dataclass
 class SourcePlan:
-    """What to convert: `items` (one tuple per image, meaning depends on kind) and their byte sizes."""
-    kind: str  # "rec" | "files" | "synthetic"
+    """What to convert: `items` (one tuple per image, meaning depends on the source) and their byte sizes.
+
+    `producer(task, stats)` turns a shard's items into records (see `_examples`); it is a module-level
+    function, so a task that carries it pickles into a spawned worker and the converter needs to know
+    nothing about the source (the synthetic renderer brings its own)."""
+    kind: str  # "rec" | "files" | "synthetic": recorded, and part of the plan hash
+    producer: Callable
     items: list
     sizes: np.ndarray
     source: dict  # recorded in the manifest
@@ -163,7 +168,7 @@ def plan_rec(rec_path: str, idx_path: str | None = None, skip_corrupt: bool = Fa
               "scan_skipped_corrupt": scan_corrupt}
     if prop is not None:
         source["property"] = {"path": prop_path, "num_classes": prop[0], "image_size": list(prop[1:])}
-    plan = SourcePlan("rec", [(int(k), int(o)) for k, o in zip(keys, offsets)], nxt - offsets, source,
+    plan = SourcePlan("rec", _records_rec, [(int(k), int(o)) for k, o in zip(keys, offsets)], nxt - offsets, source,
                       {"rec_path": rec_path, "skip_corrupt": skip_corrupt})
     if num_classes:
         plan.params["num_classes"] = num_classes
@@ -189,7 +194,8 @@ def plan_folder(root: str) -> SourcePlan:
         raise InputError(f"{root}: no images with extensions {IMAGE_EXTENSIONS} in its {len(class_names)} "
                          "identity subfolders")
     sizes = np.array([os.path.getsize(p) for p, _, _ in items], np.int64)
-    return SourcePlan("files", items, sizes, {"kind": "folder", "path": root}, class_names=class_names)
+    return SourcePlan("files", _records_files, items, sizes, {"kind": "folder", "path": root},
+                      class_names=class_names)
 
 
 def plan_list(list_path: str, root: str | None = None) -> SourcePlan:
@@ -221,7 +227,8 @@ def plan_list(list_path: str, root: str | None = None) -> SourcePlan:
     if not items:
         raise InputError(f"{list_path}: no entries; expected 'path<TAB>integer label' lines")
     sizes = np.array([os.path.getsize(p) for p, _, _ in items], np.int64)
-    return SourcePlan("files", items, sizes, {"kind": "list", "path": os.path.abspath(list_path), "root": root})
+    return SourcePlan("files", _records_files, items, sizes,
+                      {"kind": "list", "path": os.path.abspath(list_path), "root": root})
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -402,23 +409,10 @@ def _records_files(task: dict, stats: dict):
             yield data, label, index, None
 
 
-def _records_synthetic(task: dict, stats: dict):
-    from . import synthetic  # noqa: PLC0415
-
-    params = task["params"]
-    for identity, image_index, index in task["items"]:
-        data, quality = synthetic.render_encoded(params["seed"], identity, image_index, params)
-        stats["quality"].append(quality)
-        yield data, identity - params.get("identity_offset", 0), index, quality
-
-
-PRODUCERS: dict[str, Callable] = {"rec": _records_rec, "files": _records_files, "synthetic": _records_synthetic}
-
-
 def _examples(task: dict, stats: dict):
     """Serialized examples of one shard, counting labels and ticking the progress bar every 256 items."""
     n = 0
-    for n, record in enumerate(PRODUCERS[task["kind"]](task, stats), 1):
+    for n, record in enumerate(task["producer"](task, stats), 1):
         if record is not None:
             data, label, index, quality = record
             stats["labels"][label] = stats["labels"].get(label, 0) + 1
@@ -587,7 +581,7 @@ def _write_shards(plan, out_dir, name, n, num_workers, shard_bytes, num_shards, 
     for shard, (a, b) in enumerate(ranges):
         items = [plan.items[i] for i in order[a:b]]
         fname = shard_filename(name, shard, num_shards)
-        tasks.append({"kind": plan.kind, "items": items, "params": plan.params, "path": os.path.join(out_dir, fname),
+        tasks.append({"kind": plan.kind, "producer": plan.producer, "items": items, "params": plan.params, "path": os.path.join(out_dir, fname),
                       "progress": os.path.join(out_dir, PROGRESS_DIR, fname + ".json"),
                       "plan_hash": _plan_hash(plan.kind, items, plan.params)})
     for old in glob.glob(os.path.join(out_dir, f"{name}-train.tfrecord-*")):

@@ -14,6 +14,8 @@ import os
 import cv2
 import numpy as np
 
+from data_pipeline.convert import SourcePlan, write_dataset
+
 SIZE = 112
 HELD_OUT_OFFSET = 1_000_000  # identities >= this are never used for training data
 
@@ -160,20 +162,28 @@ def check_synthetic_args(num_identities, images_per_identity, severity=None) -> 
         raise InputError(f"severity {severity!r}: expected a number in [0, 1] (or none: drawn per image)")
 
 
+def records(task: dict, stats: dict):
+    """The converter's producer for synthetic shards (``convert.SourcePlan.producer``): renders each
+    planned (identity, image index, source index) and records its quality."""
+    params = task["params"]
+    for identity, image_index, index in task["items"]:
+        data, quality = render_encoded(params["seed"], identity, image_index, params)
+        stats["quality"].append(quality)
+        yield data, identity - params.get("identity_offset", 0), index, quality
+
+
 def write_synthetic_dataset(out_dir: str, num_identities: int = 200, images_per_identity: int = 20, seed: int = 0,
                             *, identity_offset: int = 0, severity: float | None = None, image_format: str = "jpg",
                             num_workers: int | None = None, num_shards: int | None = None,
                             show_progress: bool = True, force: bool = False) -> dict:
     """Renders identities [offset, offset+N) x K images to TFRecord shards + manifest (quality feature).
     force: replace a dataset of another source in out_dir (otherwise InputError; the same one resumes)."""
-    from .convert import SourcePlan, write_dataset  # noqa: PLC0415
-
     check_synthetic_args(num_identities, images_per_identity, severity)
     n = num_identities * images_per_identity
     items = [(identity_offset + i, k, i * images_per_identity + k)
              for i in range(num_identities) for k in range(images_per_identity)]
     plan = SourcePlan(
-        "synthetic", items, np.full(n, 4500, np.int64),
+        "synthetic", records, items, np.full(n, 4500, np.int64),
         {"kind": "synthetic", "seed": seed, "num_identities": num_identities,
          "images_per_identity": images_per_identity, "identity_offset": identity_offset, "severity": severity},
         {"seed": seed, "identity_offset": identity_offset, "severity": severity, "format": image_format},

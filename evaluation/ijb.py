@@ -245,21 +245,11 @@ def drop_images(meta: IJBMeta, keep: np.ndarray) -> tuple[IJBMeta, dict]:
 # alignment (§2.2) and image features (§2.3)
 
 
-def iter_aligned_images(meta: IJBMeta, swap_rb: bool = False):
-    """Yield 112x112 BGR uint8 crops in line order: cv2.imread + 5-point Umeyama warp."""
-    import cv2  # noqa: PLC0415
-    from adaface_jax.align import warp_face  # noqa: PLC0415  (the one alignment implementation)
-    crop_dir = meta.files["loose_crop"]
-    for name, lm in zip(meta.image_names, meta.landmarks):
-        path = os.path.join(crop_dir, name)
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
-        if img is None:
-            raise FileNotFoundError(f"cannot read IJB loose crop {path}")
-        img = img[:, :, :3]
-        out = warp_face(img, lm, method="umeyama", size=112)
-        if swap_rb:
-            out = out[:, :, ::-1]
-        yield out
+def crop_paths(meta: IJBMeta) -> list[str]:
+    """The loose crop of every image, in line order; the caller aligns them with the landmarks
+    (``adaface_jax.align.iter_warped_crops(paths, meta.landmarks, method="umeyama")``, the original's
+    ``ImageAligner``: cv2.imread, then a 5-point Umeyama warp to the 112x112 template)."""
+    return [os.path.join(meta.files["loose_crop"], name) for name in meta.image_names]
 
 
 def image_features_for_templates(features: np.ndarray, norms: np.ndarray | None, fusion: str) -> np.ndarray:

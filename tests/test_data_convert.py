@@ -65,7 +65,7 @@ def test_list_file(shared_data, tmp_path):
 def test_interrupted_conversion_resumes(orl_folder, tmp_path, monkeypatch):
     root, _ = orl_folder
     out = str(tmp_path / "out")
-    original = convert.PRODUCERS["files"]
+    original = convert._records_files
     calls = []
 
     def failing(task, stats):
@@ -77,14 +77,14 @@ def test_interrupted_conversion_resumes(orl_folder, tmp_path, monkeypatch):
                 yield record
         yield from original(task, stats)
 
-    monkeypatch.setitem(convert.PRODUCERS, "files", failing)
+    monkeypatch.setattr(convert, "_records_files", failing)  # the producer plan_folder puts in the plan
     with pytest.raises(KeyboardInterrupt):
         convert.convert_folder(str(root), out, num_workers=0, num_shards=4, show_progress=False)
     finished = sorted(f for f in os.listdir(out) if "tfrecord" in f)
     assert len(finished) == 2 and not [f for f in os.listdir(out) if ".tmp" in f]  # no partial shard left
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     mtimes = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in finished}
-    monkeypatch.setitem(convert.PRODUCERS, "files", original)
+    monkeypatch.setattr(convert, "_records_files", original)
     # corrupt one finished shard: the resume must verify its checksum and rewrite it
     with open(os.path.join(out, finished[1]), "r+b") as f:
         f.seek(20)

@@ -6,6 +6,8 @@ import pytest
 import sklearn.metrics
 from skimage.transform import SimilarityTransform
 
+from adaface_jax.align import iter_warped_crops
+from adaface_jax.errors import InputError
 from evaluation import ijb
 from tests.eval_fixtures import FEATS, LM, TID_MID, small_meta
 
@@ -260,7 +262,6 @@ def test_wrong_feature_count(tmp_path):
 # ---- alignment of loose crops (§2.2) ----------------------------------------------------------
 
 def test_loose_crop_alignment_matches_skimage_cv2(tmp_path):
-    import adaface_jax.align  # noqa: F401,PLC0415  (iter_aligned_images warps with it)
     rng = np.random.default_rng(0)
     crop_dir = tmp_path / "IJBC" / "loose_crop"
     crop_dir.mkdir(parents=True)
@@ -270,7 +271,7 @@ def test_loose_crop_alignment_matches_skimage_cv2(tmp_path):
         cv2.imwrite(str(crop_dir / n.split()[0]), img, [cv2.IMWRITE_JPEG_QUALITY, 100])
         imgs.append(cv2.imread(str(crop_dir / n.split()[0])))
     meta = small_meta(tmp_path)
-    got = list(ijb.iter_aligned_images(meta))
+    got = list(iter_warped_crops(ijb.crop_paths(meta), meta.landmarks, "umeyama"))
     lm = meta.landmarks[0]
     # The reference IJB loader's template: float32 4-decimal points, +8 in float32 (§2.2).
     tform = SimilarityTransform.from_estimate(lm.astype(np.float64), TEMPLATE_112.astype(np.float64))
@@ -280,10 +281,9 @@ def test_loose_crop_alignment_matches_skimage_cv2(tmp_path):
 
 
 def test_missing_loose_crop(tmp_path):
-    import adaface_jax.align  # noqa: F401,PLC0415  (iter_aligned_images warps with it)
     meta = small_meta(tmp_path)
-    with pytest.raises(FileNotFoundError, match="a.jpg"):
-        next(ijb.iter_aligned_images(meta))
+    with pytest.raises(InputError, match="a.jpg"):
+        next(iter_warped_crops(ijb.crop_paths(meta), meta.landmarks))
 
 
 def test_pair_scores_blocked_against_direct():

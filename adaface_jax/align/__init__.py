@@ -15,7 +15,8 @@ from adaface_jax.align.transform import (
     warp_face,
 )
 from adaface_jax.align.mtcnn import FaceDetector, default_detector, detect_faces
-from adaface_jax.align.pipeline import AlignResult, UnreadableImageError, align_face, align_faces, load_rgb
+from adaface_jax.align.pipeline import (AlignResult, UnreadableImageError, align_face, align_faces, iter_warped_crops,
+                                       load_rgb)
 
 __all__ = [
     "IJB_REFERENCE_5PTS",
@@ -28,6 +29,7 @@ __all__ = [
     "default_detector",
     "detect_faces",
     "estimate_matrix",
+    "iter_warped_crops",
     "load_rgb",
     "reduce_landmarks",
     "reference_points",

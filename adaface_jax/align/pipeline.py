@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from adaface_jax.align import mtcnn, transform
+from adaface_jax.errors import InputError
 
 
 @dataclasses.dataclass
@@ -160,3 +161,16 @@ def align_faces(
         except Exception as exc:  # keep the batch alive; the message says what went wrong
             results.append(AlignResult(error=f"alignment failed: {type(exc).__name__}: {exc}", source=_describe(image)))
     return results
+
+
+def iter_warped_crops(paths, landmarks, method: str = "umeyama", size: int = 112):
+    """Yield ``size`` x ``size`` BGR uint8 crops of images given with their 5-point landmarks, in order
+    (``cv2.imread``, then ``warp_face``): the IJB loader of the original (``ImageAligner``) with
+    ``method="umeyama"``. An unreadable image raises ``InputError`` naming it."""
+    import cv2
+
+    for path, lm in zip(paths, landmarks):
+        img = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise InputError(f"cannot read image {path} (expected a readable crop listed in the meta files)")
+        yield transform.warp_face(img[:, :, :3], lm, method=method, size=size)

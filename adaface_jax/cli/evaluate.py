@@ -34,6 +34,7 @@ import zipfile
 
 import numpy as np
 
+from adaface_jax.align import iter_warped_crops
 from adaface_jax.errors import InputError
 from evaluation import ProtocolError, ijb, ijbs, plots, tinyface, verification
 
@@ -423,7 +424,7 @@ def run_ijb(args, out_dir, name, ds):
         return f"{meta_digest}:{files_digest(crops, False)}"
 
     feats, norms, fusion, where = _features_for(
-        args, ds.lower(), lambda: (x[None] for x in ijb.iter_aligned_images(meta)), meta.num_images,
+        args, ds.lower(), lambda: (x[None] for x in iter_warped_crops(ijb.crop_paths(meta), meta.landmarks, "umeyama")), meta.num_images,
         flip_test=not args.no_flip, sources_fn=sources)
     if fusion == "pre_norm_vector_add" and norms is None:
         raise ProtocolError(f"{where}: missing array 'norms'; fusion pre_norm_vector_add multiplies each feature "
