@@ -12,11 +12,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 import zipfile
 from typing import Iterator
 
 import numpy as np
+
+from adaface_jax.io import save_npz
 
 FUSION_METHODS = ("pre_norm_vector_add", "norm_weighted_avg", "average", "concat")
 
@@ -153,21 +154,6 @@ def _cache_lookup(path, key_text):
         return None
 
 
-def save_npz_atomic(path: str, **arrays) -> None:
-    """np.savez to a temp name in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def extract_features(module, variables, images, batch_size: int = 128, flip_test: bool = True,
                      fusion: str = "pre_norm_vector_add", mesh=None, cache_dir: str | None = None,
                      cache_key: str | None = None, num_images: int | None = None,
@@ -243,5 +229,5 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
     features = np.concatenate(feats).astype(np.float32)
     norms_out = np.concatenate(norms).astype(np.float32)
     if path is not None:
-        save_npz_atomic(path, features=features, norms=norms_out, cache_key=np.array(key_text))
+        save_npz(path, features=features, norms=norms_out, cache_key=np.array(key_text))
     return features, norms_out

@@ -1,10 +1,16 @@
-"""Writing files safely: one atomic writer (temp file in the target folder, then ``os.replace``) and a
-pre-flight check of an output path, so a command fails before its expensive work, not after."""
+"""Writing files safely: THE atomic writer (a temp file in the target folder, then ``os.replace``) with
+its small helpers for bytes, text, JSON, CSV and numpy files, and the pre-flight checks of output
+paths, so a command fails before its expensive work, not after. Every file the project writes goes
+through ``atomic_path``."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import os
 import tempfile
+
+import numpy as np
 
 from adaface_jax.errors import InputError
 
@@ -32,18 +38,76 @@ def check_output_dir(path: str, what: str = "output directory") -> str:
     return path
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_pattern(folder: str, name_pattern: str) -> str:
+    """glob pattern of the temp files ``atomic_path`` leaves for targets matching ``name_pattern`` in
+    ``folder`` (for cleaning up after a killed run)."""
+    return os.path.join(folder, f".{name_pattern}.*{TEMP_SUFFIX}")
+
+
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb", **open_kwargs):
-    """``with atomic_write(p) as f: ...`` writes a temp file next to ``p`` and renames it over ``p`` only
-    when the block succeeds; on an error the temp file is removed and ``p`` is untouched."""
+def atomic_path(path: str, suffix: str = ""):
+    """``with atomic_path(p) as tmp:`` -- write ``tmp`` (a hidden, unique name next to ``p``, ending in
+    ``suffix`` for writers that go by the extension); it is renamed over ``p`` only when the block
+    succeeds, and removed otherwise, so ``p`` is either the old file or the whole new one."""
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix + TEMP_SUFFIX, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb", **open_kwargs):
+    """``with atomic_write(p) as f: ...``: ``atomic_path`` with the temp file opened in ``mode``."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+
+
+def write_bytes(path: str, data: bytes) -> str:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def write_json(path: str, obj, indent: int = 1, **kwargs) -> str:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, **kwargs)
+    return path
+
+
+def write_csv(path: str, header, rows) -> str:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def save_npy(path: str, array) -> str:
+    with atomic_write(path, "wb") as f:
+        np.save(f, array)
+    return path
+
+
+def save_npz(path: str, **arrays) -> str:
+    """``np.savez`` (no pickles) written atomically; the folder is created when missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path

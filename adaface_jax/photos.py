@@ -34,9 +34,9 @@ class PhotoEmbeddings:
         return self.embeddings @ self.embeddings.T
 
     def save(self, path: str) -> None:
-        from adaface_jax.features import save_npz_atomic
+        from adaface_jax.io import save_npz
 
-        save_npz_atomic(path, sources=np.asarray(self.sources), embeddings=self.embeddings, norms=self.norms,
+        save_npz(path, sources=np.asarray(self.sources), embeddings=self.embeddings, norms=self.norms,
                         ok=self.ok, errors=np.asarray(self.errors))
 
 

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from adaface_jax.io import atomic_write
+from adaface_jax.io import atomic_write, write_bytes
 
 log = logging.getLogger("adaface_jax.quickstart")
 
@@ -104,10 +104,11 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
     feats1, norms1 = extract_features(model, variables, images, batch_size=config.eval.batch_size, progress=False)
     after = score_pairs(feats1, norms1, issame, quality)
 
-    roc_png = plot_roc({"untrained": before["roc"], "trained": after["roc"]}, os.path.join(workdir, "roc.png"),
-                       title="Held-out synthetic identities", xlim=(1e-3, 1.0))
-    norm_png = plot_norm_vs_quality(norms1, quality, os.path.join(workdir, "norm_vs_quality.png"),
-                                    reference=(norms0, "untrained"), label="trained")
+    roc_png = write_bytes(os.path.join(workdir, "roc.png"),
+                          plot_roc({"untrained": before["roc"], "trained": after["roc"]},
+                                   title="Held-out synthetic identities", xlim=(1e-3, 1.0)))
+    norm_png = write_bytes(os.path.join(workdir, "norm_vs_quality.png"),
+                           plot_norm_vs_quality(norms1, quality, reference=(norms0, "untrained"), label="trained"))
     from scipy.stats import spearmanr
 
     results = {}

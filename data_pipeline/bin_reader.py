@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import pickle
 from typing import Any
@@ -17,6 +16,7 @@ import cv2
 import numpy as np
 
 from adaface_jax.errors import InputError
+from adaface_jax.io import atomic_write, save_npy, write_json
 
 IMAGE_SIZE = 112
 
@@ -143,13 +143,6 @@ def _cache_key(path: str) -> str:
     return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
 
-def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def load_bin(path: str, cache_dir: str | None = None, image_size: int | None = IMAGE_SIZE
              ) -> tuple[np.ndarray, np.ndarray]:
     """Loads an InsightFace .bin verification set.
@@ -173,11 +166,9 @@ def load_bin(path: str, cache_dir: str | None = None, image_size: int | None = I
     bins, issame = safe_unpickle_bin(path)
     images = decode_bin_images(bins, path, image_size)
     if cache_dir is not None:
-        _atomic_save_npy(issame_file, issame)
-        _atomic_save_npy(images_file, images)
-        with open(stem + ".json.tmp", "w") as f:
-            json.dump({"source": os.path.abspath(path), "num_pairs": int(len(issame))}, f)
-        os.replace(stem + ".json.tmp", stem + ".json")
+        save_npy(issame_file, issame)
+        save_npy(images_file, images)
+        write_json(stem + ".json", {"source": os.path.abspath(path), "num_pairs": int(len(issame))})
         return np.load(images_file, mmap_mode="r"), issame
     return images, issame
 
@@ -186,7 +177,5 @@ def write_bin(path: str, encoded_images: list[bytes], issame: list[bool] | np.nd
     """Writes a .bin in the InsightFace layout (pickle protocol 4 of (list of bytes, list of bools)), atomically."""
     if len(encoded_images) != 2 * len(issame):
         raise ValueError(f"write_bin: {len(encoded_images)} images for {len(issame)} pairs (need 2 per pair)")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         pickle.dump(([bytes(b) for b in encoded_images], [bool(s) for s in issame]), f, protocol=4)
-    os.replace(tmp, path)

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from adaface_jax.errors import InputError
+from adaface_jax.io import temp_pattern, write_json
 
 from . import manifest as manifest_lib
 from . import recordio
@@ -430,7 +431,7 @@ def _write_task(task: dict) -> dict:
               "re_encoded": stats["re_encoded"]}
     if stats["quality"]:
         result["quality"] = [round(float(q), 5) for q in stats["quality"]]
-    manifest_lib.write_json_atomic(task["progress"], {"plan_hash": task["plan_hash"], "result": result})
+    write_json(task["progress"], {"plan_hash": task["plan_hash"], "result": result})
     return result
 
 
@@ -524,9 +525,9 @@ def check_output_dir(out_dir: str, source: dict, force: bool = False, fingerprin
 
 
 def _clean_temporaries(out_dir: str, name: str) -> None:
-    for stale in glob.glob(os.path.join(out_dir, f"{name}-train.tfrecord-*.tmp*")) + \
-            glob.glob(os.path.join(out_dir, f"{manifest_lib.MANIFEST_NAME}.tmp*")) + \
-            glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tmp*")):
+    for stale in glob.glob(temp_pattern(out_dir, f"{name}-train.tfrecord-*")) + \
+            glob.glob(temp_pattern(out_dir, manifest_lib.MANIFEST_NAME)) + \
+            glob.glob(temp_pattern(os.path.join(out_dir, PROGRESS_DIR), "*")):
         os.remove(stale)  # a temporary file is never a finished shard
 
 
@@ -557,7 +558,7 @@ def write_dataset(plan: SourcePlan, out_dir: str, *, name: str = "faces", num_wo
                 os.remove(os.path.join(out_dir, old))
     _clean_temporaries(out_dir, name)
     source_record = {k: v for k, v in plan.source.items() if k != "scan_skipped_corrupt"} | {"fingerprint": fingerprint}
-    manifest_lib.write_json_atomic(os.path.join(out_dir, PROGRESS_DIR, SOURCE_FILE), {"source": source_record})
+    write_json(os.path.join(out_dir, PROGRESS_DIR, SOURCE_FILE), {"source": source_record})
     try:
         return _write_shards(plan, out_dir, name, n, num_workers, shard_bytes, num_shards, shuffle_seed,
                              show_progress, extra_manifest, source_record)
@@ -625,7 +626,7 @@ def _write_shards(plan, out_dir, name, n, num_workers, shard_bytes, num_shards, 
     elapsed = time.time() - start
     manifest = _build_manifest(plan, name, tasks, results, resumed, elapsed, extra_manifest)
     manifest["source"] = source_record
-    manifest_lib.write_json_atomic(os.path.join(out_dir, manifest_lib.MANIFEST_NAME), manifest)
+    write_json(os.path.join(out_dir, manifest_lib.MANIFEST_NAME), manifest)
     manifest_lib.write_tfds_metadata(out_dir, manifest)
     if os.path.exists(os.path.join(out_dir, PROGRESS_DIR, SOURCE_FILE)):
         os.remove(os.path.join(out_dir, PROGRESS_DIR, SOURCE_FILE))  # the manifest records the source now

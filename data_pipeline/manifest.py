@@ -15,13 +15,6 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "adaface-jax-tfrecord"
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def read_manifest(data_dir: str) -> dict:
     """Reads <data_dir>/manifest.json; raises with a clear message when it is missing or malformed."""
     path = os.path.join(os.fspath(data_dir), MANIFEST_NAME)

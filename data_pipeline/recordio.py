@@ -9,6 +9,7 @@ The `.idx` file holds "key<TAB>byte offset" lines.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import struct
@@ -17,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from adaface_jax.errors import InputError
+from adaface_jax.io import atomic_path
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -91,12 +93,14 @@ def encode_record(data: bytes) -> bytes:
 
 
 class RecordIOWriter:
-    """Writes a .rec (and .idx when idx_path is given) atomically: temp names, renamed on close()."""
+    """Writes a .rec (and .idx when idx_path is given) atomically: each goes to a temp name next to it
+    (``adaface_jax.io.atomic_path``) and is renamed on close(); abort() leaves any earlier files intact."""
 
     def __init__(self, rec_path: str, idx_path: str | None = None):
         self.rec_path, self.idx_path = os.fspath(rec_path), idx_path and os.fspath(idx_path)
-        self._rec = open(self.rec_path + ".tmp", "wb")
-        self._idx = open(self.idx_path + ".tmp", "w") if self.idx_path else None
+        self._files = contextlib.ExitStack()
+        self._rec = open(self._files.enter_context(atomic_path(self.rec_path)), "wb")
+        self._idx = open(self._files.enter_context(atomic_path(self.idx_path)), "w") if self.idx_path else None
         self._offset = 0
 
     def write(self, data: bytes, key: int | None = None) -> int:
@@ -111,17 +115,18 @@ class RecordIOWriter:
             self._idx.write(f"{int(key)}\t{offset}\n")
         return offset
 
-    def close(self) -> None:
-        for handle, path in ((self._rec, self.rec_path), (self._idx, self.idx_path)):
+    def _close_handles(self):
+        for handle in (self._rec, self._idx):
             if handle is not None and not handle.closed:
                 handle.close()
-                os.replace(path + ".tmp", path)
+
+    def close(self) -> None:
+        self._close_handles()
+        self._files.close()  # renames the finished files into place
 
     def abort(self) -> None:
-        for handle, path in ((self._rec, self.rec_path), (self._idx, self.idx_path)):
-            if handle is not None and not handle.closed:
-                handle.close()
-                os.remove(path + ".tmp")
+        self._close_handles()
+        self._files.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp files
 
     def __enter__(self):
         return self

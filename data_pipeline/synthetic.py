@@ -14,6 +14,7 @@ import os
 import cv2
 import numpy as np
 
+from adaface_jax.io import save_npy
 from data_pipeline.convert import SourcePlan, write_dataset
 
 SIZE = 112
@@ -232,7 +233,5 @@ def write_verification_bin(path: str, num_identities: int = 100, num_pairs: int 
         issame.append(same)
     write_bin(path, images, issame)
     quality_path = os.path.splitext(path)[0] + ".quality.npy"
-    tmp = quality_path + f".tmp{os.getpid()}.npy"
-    np.save(tmp, np.asarray(quality, np.float32))
-    os.replace(tmp, quality_path)
+    save_npy(quality_path, np.asarray(quality, np.float32))
     return {"bin": path, "quality": quality_path, "num_pairs": num_pairs}

@@ -11,6 +11,8 @@ import hashlib
 import os
 import struct
 
+from adaface_jax.io import atomic_path
+
 IMAGE_KEY, LABEL_KEY, INDEX_KEY, QUALITY_KEY = "image", "label", "index", "quality"
 
 
@@ -70,20 +72,13 @@ def write_tfrecord_atomic(path: str, serialized_examples) -> tuple[int, int, str
     """Writes examples to `path` via a temporary name; returns (count, num_bytes, sha256)."""
     import tensorflow as tf  # noqa: PLC0415  (only the framing needs it)
 
-    tmp = f"{path}.tmp{os.getpid()}"
     count = 0
-    try:
+    with atomic_path(path) as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
             for example in serialized_examples:
                 writer.write(example)
                 count += 1
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    digest = file_sha256(tmp)
-    size = os.path.getsize(tmp)
-    os.replace(tmp, path)
+        digest, size = file_sha256(tmp), os.path.getsize(tmp)
     return count, size, digest
 
 

@@ -1,7 +1,10 @@
-"""PNG plots (matplotlib, Agg): ROC curves and CMC curves."""
+"""PNG plots (matplotlib, Agg): ROC curves, CMC curves, norm against quality.
+
+Each function returns the PNG as bytes; the caller writes it (``adaface_jax.io.write_bytes``, the
+project's one atomic writer), so this package writes no files."""
 from __future__ import annotations
 
-import os
+import io
 
 
 def _pyplot():
@@ -11,14 +14,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buffer.getvalue()
 
 
-def plot_roc(curves: dict, path: str, title: str = "ROC", log_x: bool = True, xlim=(1e-6, 1.0)) -> str:
+def plot_roc(curves: dict, title: str = "ROC", log_x: bool = True, xlim=(1e-6, 1.0)) -> bytes:
     """``curves``: label -> (fpr, tpr[, auc]). Log-scale FAR axis as in the IJB plots."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -35,12 +38,10 @@ def plot_roc(curves: dict, path: str, title: str = "ROC", log_x: bool = True, xl
     ax.set_title(title)
     ax.grid(True, which="both", linestyle=":", alpha=0.5)
     ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _png(fig)
 
 
-def plot_cmc(curves: dict, path: str, title: str = "CMC") -> str:
+def plot_cmc(curves: dict, title: str = "CMC") -> bytes:
     """``curves``: label -> {rank: identification rate}."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -52,13 +53,11 @@ def plot_cmc(curves: dict, path: str, title: str = "CMC") -> str:
     ax.set_title(title)
     ax.grid(True, linestyle=":", alpha=0.5)
     ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _png(fig)
 
 
-def plot_norm_vs_quality(norms, quality, path: str, title: str = "Feature norm vs image quality",
-                         reference=None, label: str = "model") -> str:
+def plot_norm_vs_quality(norms, quality, title: str = "Feature norm vs image quality",
+                         reference=None, label: str = "model") -> bytes:
     """Scatter of feature norms against an image-quality label, with the binned mean -- the
     AdaFace paper's observation that the norm is a proxy for image quality.
 
@@ -87,6 +86,4 @@ def plot_norm_vs_quality(norms, quality, path: str, title: str = "Feature norm v
         ax.grid(True, linestyle=":", alpha=0.5)
         ax.legend(loc="best", fontsize=8)
     fig.suptitle(title)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _png(fig)

@@ -22,7 +22,6 @@ against the key stored in the cache file.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import hashlib
 import json
@@ -36,6 +35,7 @@ import numpy as np
 
 from adaface_jax.align import iter_warped_crops
 from adaface_jax.errors import InputError
+from adaface_jax.io import save_npz, write_bytes, write_csv, write_text
 from evaluation import ProtocolError, ijb, ijbs, plots, tinyface, verification
 
 HQ_SETS = ("agedb_30", "cfp_fp", "lfw", "cplfw", "calfw")
@@ -80,22 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- io
-
-
-def _atomic_write_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_csv(path, header, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _jsonable(x):
@@ -363,8 +347,7 @@ def run_hq(args, out_dir, name):
             saved.update({f"features_{s}": feats, f"norms_{s}": norms, f"issame_{s}": np.asarray(issame, bool)})
             data[s] = _hq_pairs(feats, issame, f"{path} (extracted features)", args.drop_nan)
         if args.save_features:
-            from adaface_jax.features import save_npz_atomic  # noqa: PLC0415
-            save_npz_atomic(args.save_features, names=np.array(list(loaded)), **saved)
+            save_npz(args.save_features, names=np.array(list(loaded)), **saved)
     rows, results, curves = [], {}, {}
     for s, (feats, issame, dropped) in data.items():
         res = verification.summarize(s, np.asarray(feats), np.asarray(issame, bool), args.nrof_folds)
@@ -376,8 +359,9 @@ def run_hq(args, out_dir, name):
                      f"{res['tar@far=1e-3']:.4f}", res["num_samples"]])
     mean_acc = float(np.mean([r["accuracy"] for r in results.values()]))
     header = ["set", "accuracy", "std", "best_threshold", "tar@far=1e-3 (extra)", "num_images"]
-    _write_csv(os.path.join(out_dir, "hq_result.csv"), header, rows + [["mean", f"{mean_acc:.4f}", "", "", "", ""]])
-    plots.plot_roc(curves, os.path.join(out_dir, "hq_roc.png"), title=f"{name}: HQ sets (10-fold mean)", log_x=False)
+    write_csv(os.path.join(out_dir, "hq_result.csv"), header, rows + [["mean", f"{mean_acc:.4f}", "", "", "", ""]])
+    write_bytes(os.path.join(out_dir, "hq_roc.png"),
+                plots.plot_roc(curves, title=f"{name}: HQ sets (10-fold mean)", log_x=False))
     _print_table(header, rows + [["mean", f"{mean_acc:.4f}", "", "", "", ""]])
     return {"sets": results, "mean_accuracy": mean_acc}
 
@@ -395,8 +379,7 @@ def _features_for(args, key, image_iter_fn, num_images, flip_test, sources_fn):
     digest = sources_fn() if args.cache_dir else None
     feats, norms = extract(image_iter_fn(), key, flip_test=flip_test, sources_digest=digest, num_images=num_images)
     if args.save_features:
-        from adaface_jax.features import save_npz_atomic  # noqa: PLC0415
-        save_npz_atomic(args.save_features, features=feats, norms=norms, fusion=np.array(args.fusion),
+        save_npz(args.save_features, features=feats, norms=norms, fusion=np.array(args.fusion),
                         flip_test=np.array(flip_test))
     return feats, norms, args.fusion, f"{key} (extracted features)"
 
@@ -445,16 +428,16 @@ def run_ijb(args, out_dir, name, ds):
     ver = ijb.verification_11(meta, img_feats, unknown=args.unknown_templates)
     fpr, tpr = ver.pop("fpr"), ver.pop("tpr")
     fars = list(ver["tar_at_far"])
-    _write_csv(os.path.join(out_dir, "verification_result.csv"), ["Methods"] + [str(f) for f in fars],
-               [[f"{name}-{ds}"] + [f"{ver['tar_at_far'][f] * 100:.2f}" for f in fars]])
-    plots.plot_roc({f"{name}-{ds}": (fpr, tpr, ver["auc"])}, os.path.join(out_dir, "verification_roc.png"),
-                   title=f"{ds} 1:1 ROC")
+    write_csv(os.path.join(out_dir, "verification_result.csv"), ["Methods"] + [str(f) for f in fars],
+              [[f"{name}-{ds}"] + [f"{ver['tar_at_far'][f] * 100:.2f}" for f in fars]])
+    write_bytes(os.path.join(out_dir, "verification_roc.png"),
+                plots.plot_roc({f"{name}-{ds}": (fpr, tpr, ver["auc"])}, title=f"{ds} 1:1 ROC"))
     _print_table(["FAR"] + [f"{f:g}" for f in fars], [["TAR %"] + [f"{ver['tar_at_far'][f] * 100:.2f}" for f in fars]])
     out = {"verification": ver, **dropped}
     if has_1n:
         ident = ijb.identification_1n(meta, img_feats, tie=args.tie)
         r = ident["rank"]
-        _write_csv(os.path.join(out_dir, "identification_result.csv"), ["", "top1", "top5", "top10"],
+        write_csv(os.path.join(out_dir, "identification_result.csv"), ["", "top1", "top5", "top10"],
                    [["identification", r[1], r[5], r[10]]])
         _print_table(["1:N (G1+G2 merged)", "rank1", "rank5", "rank10"],
                      [["closed set", f"{r[1]:.4f}", f"{r[5]:.4f}", f"{r[10]:.4f}"]])
@@ -484,8 +467,8 @@ def run_tinyface(args, out_dir, name):
         dropped = {"dropped_nan_rows": int(bad.size), **dropped}
         _report_dropped(dropped)
     res = tinyface.evaluate(feats, proto, tie=args.tie)
-    _write_csv(os.path.join(out_dir, "result.csv"), ["rank", "values"], [[k, v] for k, v in res.items()])
-    plots.plot_cmc({name: res}, os.path.join(out_dir, "cmc.png"), title="TinyFace")
+    write_csv(os.path.join(out_dir, "result.csv"), ["rank", "values"], [[k, v] for k, v in res.items()])
+    write_bytes(os.path.join(out_dir, "cmc.png"), plots.plot_cmc({name: res}, title="TinyFace"))
     _print_table(["TinyFace", *(f"rank{k}" for k in res)], [[name, *(f"{v:.4f}" for v in res.values())]])
     return {"rank": res, **dropped}
 
@@ -522,7 +505,7 @@ def run_ijbs(args, out_dir, name):
         rows.append([proto_name, *(f"{v:.4f}" for v in rk.values()), *(f"{v:.4f}" for v in op.values())])
         lines += [f"{proto_name},rank1,rank5,rank10", "closedset," + ",".join(str(v) for v in rk.values()),
                   f"{proto_name},0.01_FPIR,0.1_FPIR", "openset," + ",".join(str(v) for v in op.values())]
-    _atomic_write_text(os.path.join(out_dir, "pre_norm_vector_add_cos_result.csv"), "\n".join(lines) + "\n")
+    write_text(os.path.join(out_dir, "pre_norm_vector_add_cos_result.csv"), "\n".join(lines) + "\n")
     _print_table(["IJB-S", "rank1", "rank5", "rank10", "TPIR@1%", "TPIR@10%"], rows)
     return {**res, **dropped}
 
@@ -556,7 +539,7 @@ def run(args) -> int:
         summary = {"protocol": args.protocol, "name": name, "source": source, "fusion": args.fusion,
                    "flip_test": not args.no_flip, "tie": args.tie, "drop_nan": bool(args.drop_nan),
                    "results": _jsonable(results)}
-        _atomic_write_text(os.path.join(out.staging, "results.json"), json.dumps(summary, indent=2, allow_nan=True))
+        write_text(os.path.join(out.staging, "results.json"), json.dumps(summary, indent=2, allow_nan=True))
         out.commit()
     except BaseException:
         out.abort()
