@@ -28,22 +28,23 @@ def _pair_quality(quality: np.ndarray) -> np.ndarray:
 
 
 def score_pairs(features, norms, issame, quality) -> dict:
-    """Verification numbers on interleaved pairs; accuracy also split at the median pair quality."""
+    """Verification numbers on interleaved pairs (the ``VerificationEvaluator`` that ``adaface-jax
+    evaluate`` uses), also split at the median pair quality, and TAR@FAR from the pair cosines."""
+    from evaluation.evaluators import VerificationEvaluator
     from evaluation.ijb import roc_curve, tar_at_far
-    from evaluation.verification import evaluate
 
-    _, _, acc, thr = evaluate(features, issame)
-    cos = np.sum(features[0::2] * features[1::2], axis=1)
-    fpr, tpr, _ = roc_curve(issame, cos)
+    issame = np.asarray(issame, bool)
+    pairs = np.asarray(features).reshape(-1, 2, features.shape[1])
     pq = _pair_quality(quality)
     high = pq >= np.median(pq)
-    split = {}
-    for name, mask in (("high_quality", high), ("low_quality", ~high)):
-        idx = np.flatnonzero(mask)
-        inter = np.stack([features[0::2][idx], features[1::2][idx]], axis=1).reshape(-1, features.shape[1])
-        split[name] = float(np.mean(evaluate(inter, issame[idx])[2]))
-    return {"accuracy": float(np.mean(acc)), "best_threshold": float(np.mean(thr)),
-            "tar_at_far": tar_at_far(fpr, tpr, (1e-2, 1e-1)), **{f"accuracy_{k}": v for k, v in split.items()},
+    masks = {"all": np.ones_like(high), "high_quality": high, "low_quality": ~high}
+    evaluator = VerificationEvaluator({k: (None, issame[m]) for k, m in masks.items()})
+    sets = evaluator.score({k: (pairs[m].reshape(-1, features.shape[1]), None) for k, m in masks.items()})["sets"]
+    cos = np.sum(pairs[:, 0] * pairs[:, 1], axis=1)
+    fpr, tpr, _ = roc_curve(issame, cos)
+    return {"accuracy": sets["all"]["accuracy"], "best_threshold": sets["all"]["best_threshold"],
+            "tar_at_far": tar_at_far(fpr, tpr, (1e-2, 1e-1)),
+            **{f"accuracy_{k}": sets[k]["accuracy"] for k in ("high_quality", "low_quality")},
             "roc": (fpr, tpr), "norms": norms}
 
 

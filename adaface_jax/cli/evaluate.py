@@ -36,7 +36,9 @@ import numpy as np
 from adaface_jax.align import iter_warped_crops
 from adaface_jax.errors import InputError
 from adaface_jax.io import save_npz, write_bytes, write_csv, write_text
-from evaluation import ProtocolError, ijb, ijbs, plots, tinyface, verification
+from evaluation import ProtocolError, ijb, ijbs, plots, tinyface
+from evaluation.evaluators import (IJBEvaluator, IJBSEvaluator, TinyFaceEvaluator, VerificationEvaluator,
+                                   feature_matrix)
 
 HQ_SETS = ("agedb_30", "cfp_fp", "lfw", "cplfw", "calfw")
 PROTOCOLS = ("hq", "ijbb", "ijbc", "ijbs", "tinyface")
@@ -154,38 +156,12 @@ def _require(d, key, path):
     return d[key]
 
 
-def _feature_matrix(arr, where, rows=None):
-    """A numeric (N, D) array, N == rows when given; errors name ``where`` (file: key)."""
-    arr = np.asarray(arr)
-    if arr.dtype.kind not in "fiu" or arr.ndim != 2 or arr.shape[1] == 0:
-        raise ProtocolError(f"{where}: expected a numeric (N, D) array, got dtype {arr.dtype} shape {arr.shape}")
-    if rows is not None and arr.shape[0] != rows:
-        raise ProtocolError(f"{where}: {arr.shape[0]} rows but the protocol has {rows} images; expected one row "
-                            "per image in the protocol's order")
-    return arr
-
-
 def _norm_column(arr, where, rows):
     arr = np.asarray(arr)
     if arr.dtype.kind not in "fiu" or arr.size != rows or arr.ndim not in (1, 2):
         raise ProtocolError(f"{where}: expected numeric norms (N, 1) with N = {rows}, got dtype {arr.dtype} "
                             f"shape {arr.shape}")
     return arr.reshape(-1, 1)
-
-
-def bad_rows(features, norms=None) -> np.ndarray:
-    """Indices of feature rows that are not finite (NaN rows: photos that could not be embedded)."""
-    ok = np.isfinite(features).all(axis=1)
-    if norms is not None:
-        ok &= np.isfinite(np.asarray(norms)).reshape(-1)
-    return np.flatnonzero(~ok)
-
-
-def _refuse_nan(bad, n, where):
-    shown = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if bad.size > 10 else "")
-    raise ProtocolError(f"{where}: {bad.size} of {n} feature rows are NaN/inf (rows {shown}), e.g. photos "
-                        "`adaface-jax embed` could not process; pass --drop-nan to leave them out (with the "
-                        "pairs/templates that use them)")
 
 
 def _report_dropped(info):
@@ -301,63 +277,44 @@ def _hq_bins(args):
     return bins
 
 
-def _hq_pairs(feats, issame, where, drop_nan):
-    """Check one set's (2N, D) features and N labels; leave out pairs with a NaN row (--drop-nan)."""
-    feats = _feature_matrix(feats, where)
-    issame = np.asarray(issame)
-    if feats.shape[0] % 2:
-        raise ProtocolError(f"{where}: {feats.shape[0]} rows; expected an even number (pair i = rows 2i, 2i+1)")
-    if issame.ndim != 1 or issame.size != feats.shape[0] // 2:
-        raise ProtocolError(f"{where}: {feats.shape[0]} rows make {feats.shape[0] // 2} pairs but there are "
-                            f"{issame.size} issame labels (shape {issame.shape}); expected one label per pair")
-    bad = bad_rows(feats)
-    if not bad.size:
-        return feats, issame.astype(bool), {}
-    if not drop_nan:
-        _refuse_nan(bad, feats.shape[0], where)
-    pair_bad = np.zeros(issame.size, bool)
-    pair_bad[bad // 2] = True
-    keep_rows = np.repeat(~pair_bad, 2)
-    return feats[keep_rows], issame.astype(bool)[~pair_bad], {"dropped_nan_rows": int(bad.size),
-                                                             "dropped_pairs": int(pair_bad.sum())}
-
-
 def run_hq(args, out_dir, name):
-    data = {}
     if args.features:
         z = load_features_npz(args.features)
-        sets = [str(s) for s in np.asarray(_require(z, "names", args.features)).reshape(-1)]
+        names = [str(s) for s in np.asarray(_require(z, "names", args.features)).reshape(-1)]
         raw = {s: (_require(z, f"features_{s}", args.features), _require(z, f"issame_{s}", args.features))
-               for s in sets}
-        for s, (f, i) in raw.items():
-            data[s] = _hq_pairs(f, i, f"{args.features}: features_{s}", args.drop_nan)
+               for s in names}
+        evaluator = VerificationEvaluator({s: (None, i) for s, (_, i) in raw.items()}, nrof_folds=args.nrof_folds,
+                                          drop_nan=args.drop_nan)
+        metrics = evaluator.score({s: (f, None) for s, (f, _) in raw.items()},
+                                  where={s: f"{args.features}: features_{s}" for s in names})
     else:
         from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
         loaded = {}
         for path in _hq_bins(args):  # every .bin exists and parses before the model is loaded
             images, issame = load_bin(path, cache_dir=args.cache_dir)
-            if images.shape[0] != 2 * len(issame):
-                raise ProtocolError(f"{path}: {images.shape[0]} images but {len(issame)} issame labels; "
-                                    "expected 2 images per pair")
             loaded[os.path.splitext(os.path.basename(path))[0]] = (path, images, issame)
+        evaluator = VerificationEvaluator({s: (images, issame) for s, (_, images, issame) in loaded.items()},
+                                          nrof_folds=args.nrof_folds, drop_nan=args.drop_nan)
         extract = _Extractor(args)
         saved = {}
-        for s, (path, images, issame) in loaded.items():
+
+        def embed_fn(s):
+            path, images, issame = loaded[s]
             feats, norms = extract(images, s, flip_test=not args.no_flip, sources_digest=files_digest([path], True))
             saved.update({f"features_{s}": feats, f"norms_{s}": norms, f"issame_{s}": np.asarray(issame, bool)})
-            data[s] = _hq_pairs(feats, issame, f"{path} (extracted features)", args.drop_nan)
+            return feats, norms
+
+        metrics = evaluator.score({s: embed_fn(s) for s in loaded},
+                                  where={s: f"{loaded[s][0]} (extracted features)" for s in loaded})
         if args.save_features:
             save_npz(args.save_features, names=np.array(list(loaded)), **saved)
-    rows, results, curves = [], {}, {}
-    for s, (feats, issame, dropped) in data.items():
-        res = verification.summarize(s, np.asarray(feats), np.asarray(issame, bool), args.nrof_folds)
+    rows, results, curves = [], metrics["sets"], {}
+    for s, res in results.items():
         curves[s] = res.pop("roc")
-        res.update(dropped)
-        results[s] = res
-        _report_dropped({f"{s}: {k}": v for k, v in dropped.items()})
+        _report_dropped({f"{s}: {k}": res[k] for k in ("dropped_nan_rows", "dropped_pairs") if k in res})
         rows.append([s, f"{res['accuracy']:.4f}", f"{res['accuracy_std']:.4f}", f"{res['best_threshold']:.4f}",
                      f"{res['tar@far=1e-3']:.4f}", res["num_samples"]])
-    mean_acc = float(np.mean([r["accuracy"] for r in results.values()]))
+    mean_acc = metrics["mean_accuracy"]
     header = ["set", "accuracy", "std", "best_threshold", "tar@far=1e-3 (extra)", "num_images"]
     write_csv(os.path.join(out_dir, "hq_result.csv"), header, rows + [["mean", f"{mean_acc:.4f}", "", "", "", ""]])
     write_bytes(os.path.join(out_dir, "hq_roc.png"),
@@ -366,22 +323,27 @@ def run_hq(args, out_dir, name):
     return {"sets": results, "mean_accuracy": mean_acc}
 
 
-def _features_for(args, key, image_iter_fn, num_images, flip_test, sources_fn):
-    """(features, norms, fusion, where) from --features or by embedding the images; ``sources_fn()``
-    fingerprints the source files for the cache key."""
+def _score(args, evaluator, key, num_images, flip_test, sources_fn, **score_kw):
+    """Score ``evaluator`` on the --features file, or run it with an ``embed_fn`` that extracts (and
+    caches) the model's features; ``sources_fn()`` fingerprints the source files for the cache key."""
     if args.features:
         z = load_features_npz(args.features)
-        feats = _feature_matrix(_require(z, "features", args.features), f"{args.features}: features", num_images)
+        feats = feature_matrix(_require(z, "features", args.features), f"{args.features}: features", num_images)
         norms = _norm_column(z["norms"], f"{args.features}: norms", num_images) if "norms" in z else None
-        fusion = str(z["fusion"]) if "fusion" in z else args.fusion
-        return feats, norms, fusion, args.features
+        if "fusion" in z and "fusion" in score_kw:
+            score_kw["fusion"] = str(z["fusion"])
+        return evaluator.score(feats, norms, where=args.features, **score_kw)
     extract = _Extractor(args)
-    digest = sources_fn() if args.cache_dir else None
-    feats, norms = extract(image_iter_fn(), key, flip_test=flip_test, sources_digest=digest, num_images=num_images)
-    if args.save_features:
-        save_npz(args.save_features, features=feats, norms=norms, fusion=np.array(args.fusion),
-                        flip_test=np.array(flip_test))
-    return feats, norms, args.fusion, f"{key} (extracted features)"
+
+    def embed_fn(images):
+        digest = sources_fn() if args.cache_dir else None
+        feats, norms = extract(images, key, flip_test=flip_test, sources_digest=digest, num_images=num_images)
+        if args.save_features:
+            save_npz(args.save_features, features=feats, norms=norms, fusion=np.array(args.fusion),
+                     flip_test=np.array(flip_test))
+        return feats, norms
+
+    return evaluator.run(embed_fn)
 
 
 def _require_data(args, what):
@@ -394,10 +356,9 @@ def _require_data(args, what):
 def run_ijb(args, out_dir, name, ds):
     _require_data(args, f"the folder holding {ds}/")
     meta = ijb.load_meta(args.data, ds, unknown=args.unknown_templates)
-    has_1n = all(os.path.isfile(meta.files[k]) for k in ("gallery1", "gallery2", "probe"))
-    if has_1n:  # parse the 1:N files before any expensive work
-        for k in ("gallery1", "gallery2", "probe"):
-            ijb.read_1n_csv(meta.files[k])
+    # The evaluator parses the 1:N files now, before any expensive work; the caller aligns the crops.
+    evaluator = IJBEvaluator(meta, lambda: (x[None] for x in iter_warped_crops(ijb.crop_paths(meta), meta.landmarks)),
+                             fusion=args.fusion, unknown=args.unknown_templates, tie=args.tie, drop_nan=args.drop_nan)
     if not args.features:
         _check_images_exist([os.path.join(meta.files["loose_crop"], n) for n in meta.image_names], f"{ds} loose-crop")
 
@@ -406,26 +367,10 @@ def run_ijb(args, out_dir, name, ds):
         meta_digest = files_digest([meta.files["name_5pts"], meta.files["tid_mid"]], True)
         return f"{meta_digest}:{files_digest(crops, False)}"
 
-    feats, norms, fusion, where = _features_for(
-        args, ds.lower(), lambda: (x[None] for x in iter_warped_crops(ijb.crop_paths(meta), meta.landmarks, "umeyama")), meta.num_images,
-        flip_test=not args.no_flip, sources_fn=sources)
-    if fusion == "pre_norm_vector_add" and norms is None:
-        raise ProtocolError(f"{where}: missing array 'norms'; fusion pre_norm_vector_add multiplies each feature "
-                            "by its norm")
-    dropped = {}
-    bad = bad_rows(feats, norms)
-    if bad.size:
-        if not args.drop_nan:
-            _refuse_nan(bad, feats.shape[0], where)
-        keep = np.ones(feats.shape[0], bool)
-        keep[bad] = False
-        meta, dropped = ijb.drop_images(meta, keep)
-        feats = feats[keep]
-        norms = None if norms is None else norms[keep]
-        dropped = {"dropped_nan_rows": int(bad.size), **dropped}
-        _report_dropped(dropped)
-    img_feats = ijb.image_features_for_templates(feats, norms, fusion)
-    ver = ijb.verification_11(meta, img_feats, unknown=args.unknown_templates)
+    metrics = _score(args, evaluator, ds.lower(), meta.num_images, not args.no_flip, sources, fusion=args.fusion)
+    dropped = {k: v for k, v in metrics.items() if k not in ("verification", "identification")}
+    _report_dropped(dropped)
+    ver = metrics["verification"]
     fpr, tpr = ver.pop("fpr"), ver.pop("tpr")
     fars = list(ver["tar_at_far"])
     write_csv(os.path.join(out_dir, "verification_result.csv"), ["Methods"] + [str(f) for f in fars],
@@ -434,8 +379,8 @@ def run_ijb(args, out_dir, name, ds):
                 plots.plot_roc({f"{name}-{ds}": (fpr, tpr, ver["auc"])}, title=f"{ds} 1:1 ROC"))
     _print_table(["FAR"] + [f"{f:g}" for f in fars], [["TAR %"] + [f"{ver['tar_at_far'][f] * 100:.2f}" for f in fars]])
     out = {"verification": ver, **dropped}
-    if has_1n:
-        ident = ijb.identification_1n(meta, img_feats, tie=args.tie)
+    if evaluator.has_1n:
+        ident = metrics["identification"]
         r = ident["rank"]
         write_csv(os.path.join(out_dir, "identification_result.csv"), ["", "top1", "top5", "top10"],
                    [["identification", r[1], r[5], r[10]]])
@@ -455,18 +400,12 @@ def run_ijb(args, out_dir, name, ds):
 def run_tinyface(args, out_dir, name):
     _require_data(args, "holding aligned_pad_0.1_pad_high/")
     proto = tinyface.build_protocol(args.data, on_collision=args.tinyface_on_collision, mat_dir=args.tinyface_protocol)
-    feats, norms, _, where = _features_for(args, "tinyface", lambda: _imread_bgr(proto.image_paths),
-                                           len(proto.image_paths), flip_test=not args.no_flip,
-                                           sources_fn=lambda: files_digest(proto.image_paths, False))
-    dropped = {}
-    bad = bad_rows(feats)
-    if bad.size:
-        if not args.drop_nan:
-            _refuse_nan(bad, feats.shape[0], where)
-        proto, dropped = tinyface.drop_rows(proto, bad)
-        dropped = {"dropped_nan_rows": int(bad.size), **dropped}
-        _report_dropped(dropped)
-    res = tinyface.evaluate(feats, proto, tie=args.tie)
+    evaluator = TinyFaceEvaluator(proto, lambda: _imread_bgr(proto.image_paths), tie=args.tie, drop_nan=args.drop_nan)
+    metrics = _score(args, evaluator, "tinyface", len(proto.image_paths), not args.no_flip,
+                     lambda: files_digest(proto.image_paths, False))
+    res = metrics.pop("rank")
+    dropped = metrics
+    _report_dropped(dropped)
     write_csv(os.path.join(out_dir, "result.csv"), ["rank", "values"], [[k, v] for k, v in res.items()])
     write_bytes(os.path.join(out_dir, "cmc.png"), plots.plot_cmc({name: res}, title="TinyFace"))
     _print_table(["TinyFace", *(f"rank{k}" for k in res)], [[name, *(f"{v:.4f}" for v in res.values())]])
@@ -482,22 +421,10 @@ def run_ijbs(args, out_dir, name):
     full = [os.path.join(args.data, p) for p in paths]
     if not args.features:
         _check_images_exist(full, "IJB-S")
-    feats, norms, _, where = _features_for(args, "ijbs", lambda: _imread_bgr(full), len(paths), flip_test=False,
-                                           sources_fn=lambda: files_digest(full, False))
-    if norms is None:
-        raise ProtocolError(f"{where}: missing array 'norms'; IJB-S needs them (raw feature = features * norms)")
-    raw = np.asarray(feats, np.float32) * np.asarray(norms, np.float32).reshape(-1, 1)
-    dropped = {}
-    bad = bad_rows(feats, norms)
-    if bad.size:
-        if not args.drop_nan:
-            _refuse_nan(bad, feats.shape[0], where)
-        keep = np.ones(len(paths), bool)
-        keep[bad] = False
-        paths, raw = [p for p, k in zip(paths, keep) if k], raw[keep]
-        dropped = {"dropped_nan_rows": int(bad.size)}
-        _report_dropped(dropped)
-    res = ijbs.evaluate(proto, paths, raw, tie=args.tie)
+    evaluator = IJBSEvaluator(proto, paths, lambda: _imread_bgr(full), tie=args.tie, drop_nan=args.drop_nan)
+    res = _score(args, evaluator, "ijbs", len(paths), False, lambda: files_digest(full, False))
+    dropped = {k: res.pop(k) for k in list(res) if k.startswith("dropped_")}
+    _report_dropped(dropped)
     rows = []
     lines = []
     for proto_name, r in res.items():
