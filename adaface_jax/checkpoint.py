@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from adaface_jax import parallel
 from adaface_jax.convert import convert
 from adaface_jax.errors import InputError
+from adaface_jax.io import atomic_write
 
 
 class Checkpointer:
@@ -172,8 +173,6 @@ def load_weights(path: str, arch: Optional[str] = None, *, step: Optional[int] =
     converted directory (``adaface-jax convert``) or a training workdir (its latest step, ``step=N``,
     or the best one with ``best=True``). ``arch``, when given, must match what the weights hold.
     Every failure is an ``InputError`` naming the path."""
-    from adaface_jax.deploy import calibration_file  # noqa: PLC0415  (deploy imports this module)
-
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, convert.META_NAME)):
         loaded = _load_converted(path)
@@ -188,7 +187,7 @@ def load_weights(path: str, arch: Optional[str] = None, *, step: Optional[int] =
         loaded = _load_torch(path, arch)
     if arch is not None and arch != loaded.arch:
         raise InputError(f"{path} holds {loaded.arch}, not the requested {arch}")
-    calibration = calibration_file.read(path)
+    calibration = read_calibration(path)
     if calibration is not None:
         loaded.meta["calibration"] = calibration
     return loaded
@@ -258,3 +257,62 @@ def load_trained(path: str, *, best: bool = False) -> tuple[dict, dict, dict]:
         raise InputError(f"{path}: no training checkpoint (expected <workdir>/checkpoints/<step>/state)")
     loaded = _load_trained_step(step_dir)
     return loaded.variables, loaded.head, loaded.meta["training"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrated thresholds (``adaface-jax calibrate``), kept next to the weights:
+#   a converted directory: the ``calibration`` field of its adaface_meta.json;
+#   a training workdir (or one of its step folders): <workdir>/calibration.json;
+#   a PyTorch .ckpt (never rewritten): the sidecar <file>.calibration.json.
+# ``load_weights`` returns it as ``meta['calibration']``.
+
+def _workdir_of(path: str) -> Optional[str]:
+    step_dir = find_step_dir(path)
+    if step_dir is None:
+        return None
+    # <workdir>/checkpoints/<step> or <workdir>/best/<step> -> <workdir>
+    parent = os.path.dirname(step_dir)
+    return os.path.dirname(parent) if os.path.basename(parent) in ("checkpoints", "best") else parent
+
+
+def calibration_location(model_path: str) -> tuple[str, str]:
+    """('meta' | 'file', path of the JSON that holds the calibration)."""
+    model_path = os.path.abspath(model_path)
+    if os.path.isdir(model_path):
+        if os.path.isfile(os.path.join(model_path, convert.META_NAME)):
+            return "meta", os.path.join(model_path, convert.META_NAME)
+        workdir = _workdir_of(model_path)
+        if workdir is None:
+            raise InputError(f"{model_path}: not a converted directory or a training workdir")
+        return "file", os.path.join(workdir, "calibration.json")
+    return "file", model_path + ".calibration.json"
+
+
+def read_calibration(model_path: str) -> Optional[dict]:
+    try:
+        kind, path = calibration_location(model_path)
+    except InputError:
+        return None
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    return data.get("calibration") if kind == "meta" else data
+
+
+def store_calibration(model_path: str, calibration: dict) -> str:
+    """Write the calibration where ``read_calibration`` finds it (atomically); returns the file written."""
+    kind, path = calibration_location(model_path)
+    if kind == "meta":
+        with open(path) as f:
+            meta = json.load(f)
+        meta["calibration"] = calibration
+        payload = meta
+    else:
+        payload = calibration
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    return path

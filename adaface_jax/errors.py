@@ -18,6 +18,10 @@ class InputError(ValueError):
     """Bad input that the user can fix; the message names the thing and what was expected."""
 
 
+class ConfigError(InputError):
+    """A configuration problem found before anything is compiled; the message names the field."""
+
+
 def one_line(exc: BaseException) -> str:
     """A readable single line for an expected failure (OSError: 'file: reason'; multi-line messages
     joined with '; ')."""

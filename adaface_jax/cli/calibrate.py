@@ -50,14 +50,14 @@ def _read_features(path: str):
 def run(args) -> int:
     import json
 
-    from adaface_jax.deploy import calibration_file
+    from adaface_jax.checkpoint import calibration_location, store_calibration
     from adaface_jax.errors import InputError
     from evaluation import calibration
 
     for far in args.far:
         if not 0.0 < far < 1.0:
             raise InputError(f"--far {far}: a false accept rate is in (0, 1)")
-    calibration_file.location(args.checkpoint)  # a model we can store into (fails now if not)
+    calibration_location(args.checkpoint)  # a model we can store into (fails now if not)
     if args.features:
         feats, issame = _read_features(args.features)
         source = os.path.basename(args.features)
@@ -78,6 +78,6 @@ def run(args) -> int:
     if args.no_store:
         print(json.dumps(cal["thresholds"]))
         return 0
-    path = calibration_file.store(args.checkpoint, cal)
+    path = store_calibration(args.checkpoint, cal)
     print(f"stored in {path}; `adaface-jax compare --checkpoint {args.checkpoint}` now prints the decisions")
     return 0
