@@ -148,7 +148,7 @@ def load_bin(path: str, cache_dir: str | None = None, image_size: int | None = I
     """Loads an InsightFace .bin verification set.
 
     Args:
-      path: the .bin file (pickle of (list of JPEG/PNG bytes, list of bools), §1.1).
+      path: the .bin file (pickle of (list of JPEG/PNG bytes, list of bools), as InsightFace writes them).
       cache_dir: if given, decoded images are cached there as `<name>.<key>.images.npy` (+ issame) and
         later calls return a read-only np.memmap instead of decoding again. The key covers path, size
         and mtime, so a changed .bin is decoded afresh.

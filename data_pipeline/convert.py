@@ -114,7 +114,7 @@ def resolve_rec(src: str, idx_path: str | None = None) -> tuple[str, str | None,
 
 
 def plan_rec(rec_path: str, idx_path: str | None = None, skip_corrupt: bool = False) -> SourcePlan:
-    """Images of an InsightFace .rec (§5.5 key rule); sizes from offsets. Without .idx the file is scanned.
+    """Images of an InsightFace .rec (record 0 is a header naming the image keys); sizes from offsets. Without .idx the file is scanned.
 
     rec_path may be the dataset folder. A truncated file (records the .idx places at or past the end, or a
     last record cut short) raises naming the record and byte offset; with skip_corrupt those records are

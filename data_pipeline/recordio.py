@@ -71,7 +71,7 @@ def unpack(record: bytes) -> tuple[IRHeader, bytes]:
 
 
 def header_label(header: IRHeader) -> int:
-    """The class label: label[0] for a vector label, the scalar otherwise (§5.5)."""
+    """The class label: label[0] for a vector label, the scalar otherwise (as the original's dataset/record_dataset.py reads it)."""
     return int(header.label[0]) if header.flag > 0 else int(header.label)
 
 
@@ -261,7 +261,7 @@ class RecordIOReader:
             raise CorruptRecordError(self.path, key, offset, str(err)) from None
 
     def image_keys(self) -> list[int]:
-        """Keys of the image records (§5.5): 1 .. label[0]-1 when record 0 is a header with flag > 0."""
+        """Keys of the image records (InsightFace's layout): 1 .. label[0]-1 when record 0 is a header with flag > 0."""
         if 0 in self.offsets:
             header, _ = self.read_image_record(0)
             if header.flag > 0:

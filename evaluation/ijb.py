@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C (reference-behaviour §2): meta readers, template pooling, 1:1 ROC, 1:N.
+"""IJB-B / IJB-C (the original's validation_mixed/validate_IJB_BC.py): meta readers, template pooling, 1:1 ROC, 1:N.
 
 Everything is numpy and vectorized for the real scale (IJB-C: 469,375 images, 23,124 templates,
 15,658,489 pairs): template pooling is two sparse matrix products, pair scores are per-pair sums
@@ -21,7 +21,7 @@ GALLERY_NAMES = {"IJBB": ("S1", "S2"), "IJBC": ("G1", "G2")}
 
 
 # ----------------------------------------------------------------------------------------------
-# readers (§2.1)
+# readers of the meta files
 
 
 def _lines(path):
@@ -242,7 +242,7 @@ def drop_images(meta: IJBMeta, keep: np.ndarray) -> tuple[IJBMeta, dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# alignment (§2.2) and image features (§2.3)
+# image features (``infer_images``)
 
 
 def crop_paths(meta: IJBMeta) -> list[str]:
@@ -253,7 +253,7 @@ def crop_paths(meta: IJBMeta) -> list[str]:
 
 
 def image_features_for_templates(features: np.ndarray, norms: np.ndarray | None, fusion: str) -> np.ndarray:
-    """§2.3: with pre_norm_vector_add the image feature is ``feature * norm`` (the raw output sum)."""
+    """As ``infer_images``: with pre_norm_vector_add the image feature is ``feature * norm`` (the raw output sum)."""
     features = np.asarray(features, np.float32)
     if fusion == "pre_norm_vector_add":
         if norms is None:
@@ -263,7 +263,7 @@ def image_features_for_templates(features: np.ndarray, norms: np.ndarray | None,
 
 
 # ----------------------------------------------------------------------------------------------
-# template pooling (§2.4)
+# template pooling (``eval_helper.image2template_feature``)
 
 
 def image_to_template(img_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray,
@@ -304,7 +304,7 @@ def image_to_template(img_feats: np.ndarray, templates: np.ndarray, medias: np.n
 
 
 # ----------------------------------------------------------------------------------------------
-# 1:1 verification (§2.5)
+# 1:1 verification (``verification``)
 
 
 def pair_scores(unique_t, t_feats, t1, t2, chunk: int = 4096, path: str = "<pairs>",
@@ -389,7 +389,7 @@ def verification_11(meta: IJBMeta, img_feats: np.ndarray, far_targets=FAR_TARGET
 
 
 # ----------------------------------------------------------------------------------------------
-# 1:N identification (§2.6)
+# 1:N identification (``identification``, ``eval_helper_identification``)
 
 
 def _template_subjects(tids, sids, lines):

@@ -1,4 +1,4 @@
-"""IJB-S, rebuilt from the CS6 protocol CSVs (reference-behaviour §3.1).
+"""IJB-S, rebuilt from the CS6 protocol CSVs (the original's validate_IJB_S.py and PFE's ijbs.py).
 
 Templates are ``(subject, [media, ...])`` where a media is ``videos/<V>.mp4`` or ``img/<I>.jpg``.
 Image rows are matched to templates by keys: image ``<PID>/videos_<V>_<F>.jpg`` -> ``PID_videos_V``,
@@ -63,7 +63,7 @@ def _rows(path: str, min_cols: int, what: str):
 
 
 def build_protocol(folder: str) -> dict[str, list[Template]]:
-    """All template sets of §3.1 from ``folder`` (cs6_metadata.csv, probes, galleries/)."""
+    """All template sets of the CS6 protocols from ``folder`` (cs6_metadata.csv, probes, galleries/)."""
     meta_path = os.path.join(folder, "cs6_metadata.csv")
     meta = _rows(meta_path, 2, "subject_id, media path, ...")
     pairs = sorted({(t[0], t[1]) for _, t in meta if t[1].startswith("videos")})
@@ -213,7 +213,7 @@ def identification(probe_feats, probe_subjects, gallery_feats, gallery_subjects,
 
 def evaluate(protocol: dict[str, list[Template]], image_paths: list[str], raw_feats: np.ndarray,
              names=None, tie="stable") -> dict[str, dict]:
-    """Score every protocol of §3.1 (``names`` selects a subset) from per-image raw features."""
+    """Score every CS6 protocol (``names`` selects a subset) from per-image raw features."""
     if raw_feats.shape[0] != len(image_paths):
         raise ProtocolError(f"{raw_feats.shape[0]} features but {len(image_paths)} image paths")
     keys = [image_key(p) for p in image_paths]

@@ -3,7 +3,7 @@
 Ranking uses a *stable* descending order: among equal scores the lower gallery index comes
 first (``tie="stable"``). ``tie="reversed"`` gives the order of ``argsort(score)[:, ::-1]`` with a
 stable sort (higher index first), the closest reproducible stand-in for the reference's
-``argsort`` reversals (numpy's default quicksort has unspecified tie order, §7.35).
+``argsort`` reversals (numpy's default quicksort has unspecified tie order).
 Ranks are computed without sorting rows: the position of the best mate is the number of
 entries ranked before it, counted in probe chunks to bound memory. NaN scores rank last
 (treated as -inf). Scores come from :func:`score_chunks`, which scores bit-identical probe or

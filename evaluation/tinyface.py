@@ -1,4 +1,4 @@
-"""TinyFace rank-k identification (reference-behaviour §3.2), deterministic.
+"""TinyFace rank-k identification (the original's validate_tinyface.py, tinyface_helper.py), deterministic.
 
 Layout under ``data_root``: the aligned copy ``aligned_pad_0.1_pad_high/{Probe,Gallery_Match,
 Gallery_Distractor}/`` (112x112, features are extracted from these, in sorted path order) and the

@@ -1,6 +1,6 @@
 """High-quality verification sets (LFW, CFP-FP, CPLFW, CALFW, AgeDB-30): 10-fold accuracy.
 
-Reproduces the reference ``evaluate_utils.evaluate`` (reference-behaviour §1.3) exactly, vectorized:
+Reproduces the reference ``evaluate_utils.evaluate`` (``calculate_roc``, ``calculate_accuracy``) exactly, vectorized:
 
 * ``dist = sum((e1 - e2)**2)`` in the embeddings' dtype (float32 for float32 features);
 * thresholds ``np.arange(0, 4, 0.01)``; "same" iff ``dist < thr`` (strict, compared in float64
@@ -114,7 +114,7 @@ def evaluate(embeddings, actual_issame, nrof_folds=10):
 
 
 # ----------------------------------------------------------------------------------------------
-# TAR@FAR (reference §1.4, InsightFace's calculate_val; never called by AdaFace: a documented extra)
+# TAR@FAR (InsightFace's calculate_val / calculate_val_far; never called by AdaFace: a documented extra)
 
 
 def slinear_threshold(far_train: np.ndarray, thresholds: np.ndarray, far_target: float) -> float:
