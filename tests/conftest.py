@@ -2,7 +2,15 @@
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+def _with_device_count(flags: str, count: int = 8) -> str:
+    """``flags`` with ``--xla_force_host_platform_device_count`` forced to ``count`` (an inherited XLA_FLAGS
+    keeps its other flags; a different device count in it would leave the multi-device tests without devices)."""
+    kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
+
+
+os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 

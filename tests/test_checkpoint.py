@@ -1,9 +1,8 @@
-"""Checkpoints: restore on another mesh, best-by-accuracy, SIGKILL + resume is bit-identical, SIGTERM saves."""
+"""Checkpoints: restore on another mesh, best-by-accuracy, SIGKILL + resume is bit-identical, SIGTERM saves
+exactly the step it reached.  Subprocess runs wait on what the run writes (checkpoints, log lines), never on time."""
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -11,9 +10,8 @@ import pytest
 
 from adaface_jax import parallel
 from adaface_jax.checkpoint import Checkpointer, restore_items
+from cli_fixtures import checkpoint_steps, logged_steps, signal_running, start, subprocess_env, train_cmd, wait_until
 from train_fixtures import E, build_sharded, random_batch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_written_on_8_devices_restores_on_4(tmp_path):
@@ -52,24 +50,9 @@ def test_best_checkpoint_follows_validation_accuracy(tmp_path):
 
 # ------------------------------------------------------------------------------------- subprocess runs
 
-def _train_cmd(workdir, data_dir, total_steps, delay=0.0):
-    return [sys.executable, "-m", "adaface_jax.cli", "train", "--config", os.path.join(REPO, "configs", "cpu_synthetic.py"),
-            "--workdir", str(workdir), f"--config.data.data_dir={data_dir}", "--config.model.arch=tiny",
-            "--config.model.embedding_size=16", "--config.num_classes=8", "--config.global_batch_size=8",
-            f"--config.total_steps={total_steps}", "--config.checkpoint.every_steps=2", "--config.eval.every_epochs=0",
-            "--config.progress=false", "--config.sample_grid=false", f"--config.debug_step_delay_s={delay}"]
-
-
-def _env(ndev=4):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={ndev}", PYTHONPATH=REPO,
-               CUDA_VISIBLE_DEVICES="")
-    return env
-
-
 def _final_params(workdir):
-    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    items = restore_items(os.path.join(workdir, "checkpoints", str(steps[-1])))
-    return steps[-1], jax.device_get(items)
+    step = checkpoint_steps(workdir)[-1]
+    return step, jax.device_get(restore_items(os.path.join(workdir, "checkpoints", str(step))))
 
 
 @pytest.fixture(scope="module")
@@ -80,32 +63,35 @@ def tiny_dataset(tmp_path_factory):
     return str(d)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_dataset):
-    total = 16
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
-    # The uninterrupted reference runs alongside the run that gets killed.
-    ref = subprocess.Popen(_train_cmd(ref_dir, tiny_dataset, total), env=_env(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(_train_cmd(run_dir, tiny_dataset, total, delay=0.3), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ckpts = run_dir / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(d.isdigit() and int(d) >= 6 for d in os.listdir(ckpts)):
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
-    assert 6 <= killed_at < total
+    """Kill a run (which would go on for 1000 steps) once it has checkpointed step 6 or later, resume it to
+    9 steps past its last checkpoint (across an epoch boundary of the 8-step epochs), and compare with a run
+    that was never interrupted.  The step delay only slows the run down; nothing depends on timing."""
+    run_dir, ref_dir = tmp_path / "killed", tmp_path / "ref"
+    proc = start(train_cmd(run_dir, 1000, data_dir=tiny_dataset, delay=0.02))
+    try:
+        wait_until(proc, lambda: any(s >= 6 for s in checkpoint_steps(run_dir)), "a checkpoint at step >= 6")
+        signal_running(proc, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = checkpoint_steps(run_dir)[-1]
+    assert killed_at >= 6
+    total = killed_at + 9
 
-    _, ref_err = ref.communicate(timeout=300)
+    env = subprocess_env()
+    resumed = subprocess.Popen(train_cmd(run_dir, total, data_dir=tiny_dataset), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    ref = subprocess.Popen(train_cmd(ref_dir, total, data_dir=tiny_dataset), env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    _, res_err = resumed.communicate(timeout=600)
+    _, ref_err = ref.communicate(timeout=600)
+    assert resumed.returncode == 0, res_err[-3000:]
     assert ref.returncode == 0, ref_err[-3000:]
-    resumed = subprocess.run(_train_cmd(run_dir, tiny_dataset, total), env=_env(), capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
+    assert f"resumed from {run_dir} at step {killed_at}" in res_err
 
     step_a, a = _final_params(ref_dir)
     step_b, b = _final_params(run_dir)
@@ -114,18 +100,40 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_dataset):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_dataset):
-    run_dir = tmp_path / "term"
-    proc = subprocess.Popen(_train_cmd(run_dir, tiny_dataset, 1000, delay=0.2), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.stat().st_size > 0):
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+def sigterm_run(workdir, signum, every_steps, wait_for, what):
+    """Start a long run (random source, no epoch end in sight), send ``signum`` once ``wait_for()`` holds;
+    return (stderr, the last logged step).  Every step is logged before the loop looks at the signal, so
+    the step the run stops at is exactly the last logged one."""
+    proc = start(train_cmd(workdir, 1_000_000, every_steps=every_steps, delay=0.02))
+    try:
+        wait_until(proc, wait_for, what)
+        signal_running(proc, signum)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, err[-3000:]
-    assert "signal 15" in err
-    last_logged = int(open(metrics).read().strip().splitlines()[-1].split(",")[0].split(":")[1])
+    assert f"signal {int(signum)}: saved step" in err
+    return err, logged_steps(workdir)[-1]
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_first_periodic_checkpoint_saves_the_step_reached(tmp_path):
+    run_dir = tmp_path / "term"
+    err, last = sigterm_run(run_dir, signal.SIGTERM, 100_000, lambda: logged_steps(run_dir), "the first log line")
+    assert f"saved step {last} and stopping" in err
+    assert checkpoint_steps(run_dir) == [last]  # no periodic checkpoint yet: only the one the signal wrote
     step, items = _final_params(run_dir)
-    assert step >= last_logged and int(items["step"]) == step
+    assert int(items["step"]) == step == last
+
+
+@pytest.mark.slow
+def test_sigterm_after_a_periodic_checkpoint_saves_the_step_reached(tmp_path):
+    run_dir = tmp_path / "term3"
+    err, last = sigterm_run(run_dir, signal.SIGTERM, 3, lambda: 3 in checkpoint_steps(run_dir),
+                            "the checkpoint of step 3")
+    assert last >= 3 and f"saved step {last} and stopping" in err
+    assert checkpoint_steps(run_dir)[-1] == last  # the step reached, whether or not it is a multiple of 3
+    step, items = _final_params(run_dir)
+    assert int(items["step"]) == step == last

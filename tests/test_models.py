@@ -68,7 +68,7 @@ def test_reference_key_counts_match_released_checkpoints():
     assert shortcut_units == [3, 7, 21]
 
 
-@pytest.mark.parametrize("arch", ["ir_18", "ir_50"])
+@pytest.mark.parametrize("arch", ["ir_18", pytest.param("ir_50", marks=pytest.mark.slow)])
 def test_eval_parity(arch, torch_ir18, torch_ir50):
     tm = {"ir_18": torch_ir18, "ir_50": torch_ir50}[arch]
     got_arch, size, variables, head, extras = state_dict_to_variables(_prefixed(tm))
@@ -108,6 +108,7 @@ def test_train_mode_parity_and_running_stats(torch_ir18):
     assert moved > 1e-2 and worst <= TOL_STATS
 
 
+@pytest.mark.slow
 def test_ir_se_50_eval_parity():
     tm = randomize_(build_backbone("ir_se_50"), seed=5).eval()
     arch, _, variables, _, _ = state_dict_to_variables(_prefixed(tm))
@@ -167,6 +168,7 @@ def test_large_arch_key_mapping_and_shapes(arch):
     assert len(jax.tree_util.tree_leaves(variables)) == n_torch
 
 
+@pytest.mark.slow
 def test_input_size_224_is_inferred_and_runs():
     tm = randomize_(build_backbone("ir_18", input_size=224), seed=9).eval()
     arch, size, variables, _, _ = state_dict_to_variables(_prefixed(tm))

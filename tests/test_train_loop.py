@@ -1,6 +1,7 @@
 """The loop end to end (ir_18 on a tiny synthetic dataset, 8 CPU devices) and fine-tuning init."""
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from adaface_jax import parallel
+from adaface_jax.models import build_model
 from adaface_jax.train.config_io import load_config
 from adaface_jax.train.loop import apply_init_from, build_backbone, init_state, make_schedule, train
 
@@ -26,6 +28,20 @@ def _cpu_config(data_dir, **kw):
     return c
 
 
+def _flip_fused_accuracy(module, variables, bin_path):
+    """10-fold accuracy of `v = e(x) n(x) + e(flip x) n(flip x)`, normalised (the original's evaluation)."""
+    from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
+    from evaluation.verification import evaluate  # noqa: PLC0415
+    images, issame = load_bin(bin_path)
+    variables = jax.device_get(variables)
+    x = (np.asarray(images, np.float32) / 255.0 - 0.5) / 0.5
+    e, n = module.apply(variables, x, train=False)
+    ef, nf = module.apply(variables, x[:, :, ::-1], train=False)
+    v = np.asarray(e, np.float64) * np.asarray(n) + np.asarray(ef, np.float64) * np.asarray(nf)
+    return float(np.mean(evaluate((v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32),
+                                  np.asarray(issame, bool))[2]))
+
+
 @pytest.fixture(scope="module")
 def synth16(tmp_path_factory):
     from data_pipeline.synthetic import write_synthetic_dataset, write_verification_bin  # noqa: PLC0415
@@ -39,7 +55,9 @@ def test_ir18_two_steps_with_validation_checkpoints_and_logs(synth16, tmp_path):
     workdir = str(tmp_path / "run")
     config = _cpu_config(synth16, num_classes=4, global_batch_size=8, epochs=1, progress=False,
                          eval__batch_size=8, checkpoint__every_steps=1)
+    t0 = time.monotonic()
     summary, state = train(config, workdir, devices=jax.devices()[:2])
+    elapsed = time.monotonic() - t0
     assert summary["stop_reason"] == "done" and summary["step"] == 2 and summary["steps_per_epoch"] == 2
 
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -47,13 +65,19 @@ def test_ir18_two_steps_with_validation_checkpoints_and_logs(synth16, tmp_path):
     assert [r["step"] for r in train_logs] == [1, 2]
     for r in train_logs:
         assert np.isfinite(r["train/loss"]) and r["train/lr"] == pytest.approx(0.05)
-        assert r["train/skipped_total"] == 0 and r["train/images_per_sec"] > 0
+        assert r["train/skipped_total"] == 0
+    # images/s: 8 images per logged step over disjoint intervals inside the train() call
+    assert 0 < sum(8 / r["train/images_per_sec"] for r in train_logs) <= elapsed
     # AdaFace norm EMA from its initial 20 with t_alpha=0.01, fed by each step's mean feature norm
     n1, n2 = train_logs[0]["train/mean_norm"], train_logs[1]["train/mean_norm"]
     assert train_logs[1]["train/batch_mean"] == pytest.approx(0.99 * (0.99 * 20 + 0.01 * n1) + 0.01 * n2, rel=1e-5)
     val = [r for r in records if "val/tiny_val_acc" in r]
-    assert len(val) == 1 and 0.0 <= val[0]["val/tiny_val_acc"] <= 1.0
-    assert val[0]["val/mean_acc"] == val[0]["val/tiny_val_acc"]
+    assert len(val) == 1 and val[0]["val/mean_acc"] == val[0]["val/tiny_val_acc"]
+    # Validation uses the flip test: the accuracy of flip-fused features computed here (PyTorch-style
+    # normalisation, width flip, pre_norm_vector_add) with the final weights.
+    assert val[0]["val/tiny_val_acc"] == _flip_fused_accuracy(
+        build_model("ir_18"), {"params": state.params["backbone"], "batch_stats": state.batch_stats},
+        os.path.join(synth16, "tiny_val.bin"))
 
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
     assert os.listdir(os.path.join(workdir, "best")) == ["2"]
@@ -177,3 +201,37 @@ def test_released_recipe_runs_from_the_cli_on_a_tiny_dataset(synth16, tmp_path):
     assert os.listdir(workdir / "checkpoints") == ["2"]
     meta = json.load(open(workdir / "checkpoints" / "2" / "meta" / "metadata"))
     assert meta["config"]["half_precision"] is True and meta["config"]["head"]["h"] == 0.333
+
+
+@pytest.mark.slow
+def test_training_helps_on_held_out_identities(tmp_path):
+    """ir_18 at width 8 on 40 synthetic identities x 6 images (batch 32, 5 epochs = 35 steps, one device):
+    the loss falls and flip-test verification accuracy on 100 pairs of 20 unseen identities rises.  The
+    accuracy validation logs is recomputed here from the initial and the final weights.  Measured (data
+    seeds 0 / 1 / 2): 0.49 -> 0.75 / 0.67 -> 0.86 / 0.64 -> 0.81; loss (first vs last 3 steps) 32.4 -> 12.1 /
+    33.4 -> 13.1 / 33.4 -> 10.0."""
+    from data_pipeline.synthetic import write_synthetic_dataset, write_verification_bin  # noqa: PLC0415
+    from adaface_jax.train.config_io import apply_overrides  # noqa: PLC0415
+    data = tmp_path / "synth40"
+    write_synthetic_dataset(str(data), num_identities=40, images_per_identity=6, seed=0, show_progress=False)
+    write_verification_bin(str(data / "held_out.bin"), num_identities=20, num_pairs=100, seed=0)
+    config = apply_overrides(load_config(os.path.join(REPO, "configs", "quickstart_cpu.py")), {
+        "num_classes": "40", "data.data_dir": str(data), "model.width": "8", "global_batch_size": "32",
+        "epochs": "5", "lr_milestones": "4,", "model.dropout_rate": "0.0", "data.augment": "false",
+        "eval.every_epochs": "5", "eval.batch_size": "100", "log_every": "1", "progress": "false",
+        "sample_grid": "false", "checkpoint.every_steps": "1000"})
+    devices = jax.devices()[:1]
+    module = build_model("ir_18", width=8)
+    mesh = parallel.make_mesh(devices)
+    init, _ = init_state(config, build_backbone(config, 1), mesh, make_schedule(config, 7), 40)
+    before = _flip_fused_accuracy(module, {"params": init.params["backbone"], "batch_stats": init.batch_stats},
+                                  str(data / "held_out.bin"))
+    summary, state = train(config, str(tmp_path / "run"), devices=devices)
+    assert summary["step"] == 35
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 35 and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+    after = _flip_fused_accuracy(module, {"params": state.params["backbone"], "batch_stats": state.batch_stats},
+                                 str(data / "held_out.bin"))
+    assert [r["val/held_out_acc"] for r in records if "val/held_out_acc" in r] == [after]
+    assert after >= before + 0.1, (before, after)
