@@ -15,7 +15,12 @@ import os
 import zipfile
 from typing import Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from adaface_jax.io import save_npz
 
@@ -26,7 +31,6 @@ def _xp(x):
     """numpy for numpy inputs, jax.numpy for jax arrays and tracers."""
     if isinstance(x, np.ndarray):
         return np
-    import jax  # noqa: PLC0415
     return jax.numpy if isinstance(x, jax.Array) else np
 
 
@@ -79,7 +83,6 @@ def normalize_bgr(images):
 
 def make_mesh():
     """1-D ``('data',)`` mesh over all local devices."""
-    import jax  # noqa: PLC0415
     return jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
 
 
@@ -110,8 +113,6 @@ def make_embed_fn(module, flip_test: bool = True, fusion: str = "pre_norm_vector
     """jit-compiled ``(variables, images) -> (features, norms)`` for one (sharded) batch.
 
     Cached per (module config, flip, fusion) so repeated validation runs compile once."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
     if fusion not in FUSION_METHODS:
         fuse(np.zeros((1, 1, 1)), np.ones((1, 1, 1)), fusion)  # raises the right error
@@ -176,8 +177,6 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
         different key never returns these features. A hit does not run the model.
       num_images: total count for the progress bar when ``images`` is a plain iterable.
     """
-    import jax  # noqa: PLC0415
-    from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
 
     path = key_text = None
     if cache_dir is not None and cache_key is not None:
@@ -197,7 +196,6 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
     total = num_images if num_images is not None else (images.shape[0] if hasattr(images, "shape") else None)
     bar = None
     if progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415
         bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
 
     feats, norms, pending = [], [], None

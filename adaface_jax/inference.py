@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaface_jax.checkpoint import load_weights
+from adaface_jax.features import extract_features
 from adaface_jax.models import build_model
 
 
@@ -70,7 +72,6 @@ class PretrainedModel:
             return np.zeros((0, self.module.embedding_size), np.float32), np.zeros((0, 1), np.float32)
         # The one extraction path (adaface_jax.features): jitted once per model and flip setting,
         # sharded over local devices, last batch padded.
-        from adaface_jax.features import extract_features
 
         return extract_features(self.module, self.variables, x, batch_size=min(self.batch_size, x.shape[0]),
                                 flip_test=flip_test, progress=False)
@@ -82,7 +83,6 @@ def load_pretrained(path: str, arch: Optional[str] = None, dtype=jnp.float32,
                     batch_size: int = 64) -> PretrainedModel:
     """A released/Lightning ``.ckpt`` (converted on the fly, safely), a converted directory, or one
     of our training workdirs (its latest checkpoint)."""
-    from adaface_jax.checkpoint import load_weights
 
     arch, variables, head, meta = load_weights(path, arch)
     input_size = int(meta.get("input_size", [112])[0])

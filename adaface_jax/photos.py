@@ -11,7 +11,13 @@ import dataclasses
 import os
 from typing import Sequence
 
+import cv2
 import numpy as np
+
+from adaface_jax.align import align_faces
+from adaface_jax.features import extract_features
+from adaface_jax.io import save_npz
+from evaluation.calibration import decide
 
 
 @dataclasses.dataclass
@@ -34,7 +40,6 @@ class PhotoEmbeddings:
         return self.embeddings @ self.embeddings.T
 
     def save(self, path: str) -> None:
-        from adaface_jax.io import save_npz
 
         save_npz(path, sources=np.asarray(self.sources), embeddings=self.embeddings, norms=self.norms,
                         ok=self.ok, errors=np.asarray(self.errors))
@@ -42,7 +47,6 @@ class PhotoEmbeddings:
 
 def read_aligned_bgr(path: str, size: int = 112) -> np.ndarray:
     """An already aligned crop from disk as uint8 BGR (``cv2.imread``, like the evaluation readers)."""
-    import cv2
 
     img = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
     if img is None:
@@ -57,7 +61,6 @@ def face_crops_bgr(sources: Sequence, align: bool = True, select: str = "score",
     """-> (list of (size, size, 3) uint8 BGR crops or None, list of error strings)."""
     crops, errors = [], []
     if align:
-        from adaface_jax.align import align_faces
 
         for res in align_faces(list(sources), select=select):
             crops.append(res.face_bgr if res.ok else None)
@@ -77,7 +80,6 @@ def embed_photos(model, sources: Sequence, align: bool = True, flip_test: bool =
                  batch_size: int = 64, progress: bool = False) -> PhotoEmbeddings:
     """Embed photos with a model from ``adaface_jax.load_pretrained`` (or any object with
     ``.module`` and ``.variables``).  ``align=False`` expects aligned 112x112 crops on disk."""
-    from adaface_jax.features import extract_features
 
     names = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else f"<image {i}>" for i, s in enumerate(sources)]
     crops, errors = face_crops_bgr(sources, align=align, select=select)
@@ -112,7 +114,6 @@ def format_similarity(result: PhotoEmbeddings, digits: int = 4) -> str:
 def format_decisions(result: PhotoEmbeddings, calibration: dict, flip_test: bool = False) -> str:
     """Each pair's cosine with "same person at FAR=f: yes/no" for every calibrated FAR
     (``evaluation.calibration``: same iff cosine > threshold)."""
-    from evaluation.calibration import decide
 
     names = [os.path.basename(s) for s in result.sources]
     sim = result.similarity()

@@ -15,9 +15,20 @@ import logging
 import os
 import time
 
+import jax
 import numpy as np
+from scipy.stats import spearmanr
 
+from adaface_jax.features import extract_features
 from adaface_jax.io import atomic_write, write_bytes
+from adaface_jax.train.config_io import apply_overrides, load_config
+from adaface_jax.train.loop import build_backbone, train
+from adaface_jax.train.state import init_variables
+from data_pipeline import synthetic
+from data_pipeline.bin_reader import load_bin
+from evaluation.evaluators import VerificationEvaluator
+from evaluation.ijb import roc_curve, tar_at_far
+from evaluation.plots import plot_norm_vs_quality, plot_roc
 
 log = logging.getLogger("adaface_jax.quickstart")
 
@@ -30,8 +41,6 @@ def _pair_quality(quality: np.ndarray) -> np.ndarray:
 def score_pairs(features, norms, issame, quality) -> dict:
     """Verification numbers on interleaved pairs (the ``VerificationEvaluator`` that ``adaface-jax
     evaluate`` uses), also split at the median pair quality, and TAR@FAR from the pair cosines."""
-    from evaluation.evaluators import VerificationEvaluator
-    from evaluation.ijb import roc_curve, tar_at_far
 
     issame = np.asarray(issame, bool)
     pairs = np.asarray(features).reshape(-1, 2, features.shape[1])
@@ -52,14 +61,7 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
                    identities: int = 100, images_per_identity: int = 24, val_identities: int = 60,
                    val_pairs: int = 400, seed: int = 0) -> dict:
     """The whole quickstart (see the module docstring); returns the results written to results.json."""
-    import jax
 
-    from adaface_jax.features import extract_features
-    from adaface_jax.train.loop import build_backbone, train
-    from adaface_jax.train.state import init_variables
-    from data_pipeline import synthetic
-    from data_pipeline.bin_reader import load_bin
-    from evaluation.plots import plot_norm_vs_quality, plot_roc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t_start = time.time()
@@ -68,7 +70,6 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
     run_dir = os.path.join(workdir, "run")
     config_path = config_path or os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
                                               "quickstart_cpu.py")
-    from adaface_jax.train.config_io import apply_overrides, load_config
 
     overrides = {**(overrides or {}), "num_classes": str(identities), "data.data_dir": data_dir}
     config = apply_overrides(load_config(config_path), overrides)
@@ -110,7 +111,6 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
                                    title="Held-out synthetic identities", xlim=(1e-3, 1.0)))
     norm_png = write_bytes(os.path.join(workdir, "norm_vs_quality.png"),
                            plot_norm_vs_quality(norms1, quality, reference=(norms0, "untrained"), label="trained"))
-    from scipy.stats import spearmanr
 
     results = {}
     for name, r in (("untrained", before), ("trained", after)):

@@ -10,21 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 
 import numpy as np
 
-_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
-
-
-def timed(fn, iters):
-    fn()  # warm-up / compile
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t) / iters
+from harness import timed
 
 
 def main(argv=None):

@@ -14,6 +14,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+from numpy._core.multiarray import _reconstruct, scalar
+from numpy._core.numeric import _frombuffer
 
 from adaface_jax.errors import InputError
 from adaface_jax.io import atomic_write, save_npy, write_json
@@ -48,7 +50,6 @@ def _checked_dtype(spec, *args):
 def _checked_scalar(dtype, *args):
     if np.dtype(dtype) not in _ALLOWED_DTYPES:
         raise UnsafePickleError(f"numpy scalar of dtype {dtype} is not allowed")
-    from numpy._core.multiarray import scalar  # noqa: PLC0415  (numpy 2 location)
     return scalar(dtype, *args)
 
 
@@ -69,9 +70,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if name == "ndarray":
             return np.ndarray
         if name == "_reconstruct":
-            from numpy._core.multiarray import _reconstruct  # noqa: PLC0415
             return _reconstruct
-        from numpy._core.numeric import _frombuffer  # noqa: PLC0415
         return _frombuffer
 
 

@@ -14,6 +14,12 @@ import concurrent.futures
 import os
 import time
 
+import tensorflow as tf
+from tqdm import tqdm
+
+from data_pipeline.convert import tf_error_text, training_decode_error
+from data_pipeline.input import hide_gpus_from_tf
+
 from .manifest import read_manifest
 from .tfrecord import IMAGE_KEY, LABEL_KEY, file_sha256
 
@@ -22,9 +28,7 @@ CHUNK = 512  # records handed to the decoding threads at a time
 
 def _check_record(raw: bytes, num_classes: int) -> tuple[int | None, str | None]:
     """(label or None, None if the record is good else why not)."""
-    import tensorflow as tf  # noqa: PLC0415
 
-    from .convert import training_decode_error  # noqa: PLC0415
 
     try:
         feature = tf.train.Example.FromString(raw).features.feature
@@ -48,10 +52,7 @@ def check_dataset(data_dir: str, *, show_progress: bool = True, threads: int | N
     """Checks a dataset; returns a report: {'data_dir', 'num_records', 'num_images' (manifest), 'bad_records':
     [{'file', 'record', 'reason'}], 'problems': [one line each, bad records included], 'seconds',
     'images_per_sec', 'ok'}. Raises InputError only when there is no readable manifest."""
-    import tensorflow as tf  # noqa: PLC0415
-    from tqdm import tqdm  # noqa: PLC0415
 
-    from .input import hide_gpus_from_tf  # noqa: PLC0415
 
     hide_gpus_from_tf()
     data_dir = os.path.abspath(data_dir)
@@ -99,7 +100,6 @@ def check_dataset(data_dir: str, *, show_progress: bool = True, threads: int | N
                 except StopIteration:
                     break
                 except tf.errors.OpError as err:  # CRC mismatch, truncation: the rest of the shard is unreadable
-                    from .convert import tf_error_text  # noqa: PLC0415
                     text = tf_error_text(err)
                     bad_record(fname, count, f"unreadable TFRecord framing ({text}); the shard cannot be read "
                                              "past this record")

@@ -24,14 +24,19 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
 from typing import Callable
 
+import cv2
 import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
 
 from adaface_jax.errors import InputError
 from adaface_jax.io import temp_pattern, write_json
+from data_pipeline.input import decode_any, hide_gpus_from_tf
 
 from . import manifest as manifest_lib
 from . import recordio
@@ -261,10 +266,8 @@ def training_decode_error(data: bytes) -> str | None:
     """None if `data` decodes completely with the training decoder (data_pipeline.input.decode_any), else
     TensorFlow's reason in one line."""
     global _DECODE_CHECK
-    import tensorflow as tf  # noqa: PLC0415
 
     if _DECODE_CHECK is None:
-        from .input import decode_any, hide_gpus_from_tf  # noqa: PLC0415
         hide_gpus_from_tf()
         _DECODE_CHECK = tf.function(lambda e: tf.shape(decode_any(e)),
                                     input_signature=[tf.TensorSpec([], tf.string)]).get_concrete_function()
@@ -285,12 +288,10 @@ def training_decode_errors(datas: list) -> dict:
     decoder; one TensorFlow call for the whole list (per-image calls cost ~3x more), then the failures alone
     again for their reasons."""
     global _BATCH_CHECK
-    import tensorflow as tf  # noqa: PLC0415
 
     if not datas:
         return {}
     if _BATCH_CHECK is None:
-        from .input import decode_any, hide_gpus_from_tf  # noqa: PLC0415
         hide_gpus_from_tf()
 
         def good_positions(batch):
@@ -308,7 +309,6 @@ def training_decode_errors(datas: list) -> dict:
 
 def tf_error_text(err) -> str:
     """A TensorFlow OpError's message without graph-node decorations, on one line."""
-    import re  # noqa: PLC0415
     text = re.sub(r"\{\{[^}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", " ", str(getattr(err, "message", err)), flags=re.S)
     return " ".join(text.split())[:200] or type(err).__name__
 
@@ -381,7 +381,6 @@ def _file_problem(path: str, stats: dict) -> tuple[bytes | None, str | None, boo
     if not data:
         return None, "empty file (0 bytes)", False
     if sniff_image_format(data) is None:  # e.g. PGM: re-encode losslessly so TF can decode it
-        import cv2  # noqa: PLC0415
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if image is None:
             return None, (f"not an image TensorFlow or OpenCV can decode ({len(data)} bytes, starts with "
@@ -467,7 +466,6 @@ def _finished(task: dict) -> dict | None:
 
 
 def _progress_bar(total: int, desc: str):
-    from tqdm import tqdm  # noqa: PLC0415
     # disable=None: only on a terminal, so logs and captured stderr hold just the result (or one error line)
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1, disable=None)
 

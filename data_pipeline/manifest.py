@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+import tensorflow_datasets as tfds
+
 from adaface_jax.errors import InputError
 
 MANIFEST_NAME = "manifest.json"
@@ -46,8 +49,6 @@ def shard_paths(data_dir: str, manifest: dict | None = None) -> list[str]:
 
 def write_tfds_metadata(data_dir: str, manifest: dict) -> None:
     """Writes dataset_info.json + features.json so tfds.builder_from_directory(data_dir) can read the shards."""
-    import numpy as np  # noqa: PLC0415
-    import tensorflow_datasets as tfds  # noqa: PLC0415
 
     features = {"image": tfds.features.Image(shape=(None, None, 3)),
                 "label": tfds.features.ClassLabel(names=[str(n) for n in manifest["class_names"]]),

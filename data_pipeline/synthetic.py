@@ -14,7 +14,9 @@ import os
 import cv2
 import numpy as np
 
+from adaface_jax.errors import InputError
 from adaface_jax.io import save_npy
+from data_pipeline.bin_reader import write_bin
 from data_pipeline.convert import SourcePlan, write_dataset
 
 SIZE = 112
@@ -154,7 +156,6 @@ def render_encoded(seed: int, identity: int, image_index: int, params: dict) -> 
 
 def check_synthetic_args(num_identities, images_per_identity, severity=None) -> None:
     """InputError naming the argument unless counts are positive integers and severity is in [0, 1]."""
-    from adaface_jax.errors import InputError  # noqa: PLC0415
 
     for name, value in (("identities", num_identities), ("images per identity", images_per_identity)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
@@ -220,7 +221,6 @@ def write_verification_bin(path: str, num_identities: int = 100, num_pairs: int 
     order as the images. Identities come from [identity_offset, identity_offset + num_identities), disjoint
     from training data written with the default offset 0. Returns {'bin', 'quality', 'num_pairs'}.
     """
-    from .bin_reader import write_bin  # noqa: PLC0415
 
     if num_identities < 2:
         raise ValueError("need at least 2 identities for different-identity pairs")

@@ -11,6 +11,8 @@ import hashlib
 import os
 import struct
 
+import tensorflow as tf
+
 from adaface_jax.io import atomic_path
 
 IMAGE_KEY, LABEL_KEY, INDEX_KEY, QUALITY_KEY = "image", "label", "index", "quality"
@@ -70,7 +72,6 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
 
 def write_tfrecord_atomic(path: str, serialized_examples) -> tuple[int, int, str]:
     """Writes examples to `path` via a temporary name; returns (count, num_bytes, sha256)."""
-    import tensorflow as tf  # noqa: PLC0415  (only the framing needs it)
 
     count = 0
     with atomic_path(path) as tmp:
@@ -84,7 +85,6 @@ def write_tfrecord_atomic(path: str, serialized_examples) -> tuple[int, int, str
 
 def parse_features(with_quality: bool = False) -> dict:
     """tf.io.parse_single_example spec for the record format."""
-    import tensorflow as tf  # noqa: PLC0415
 
     spec = {IMAGE_KEY: tf.io.FixedLenFeature([], tf.string), LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
             INDEX_KEY: tf.io.FixedLenFeature([], tf.int64, default_value=-1)}

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
+from scipy.stats import spearmanr
+
 
 def _pyplot():
     import matplotlib  # noqa: PLC0415
@@ -64,8 +67,6 @@ def plot_norm_vs_quality(norms, quality, title: str = "Feature norm vs image qua
     ``reference``: optional (norms, label) of a second model (e.g. untrained), drawn in its own
     panel on the left (norm scales of different models are not comparable).
     """
-    import numpy as np  # noqa: PLC0415
-    from scipy.stats import spearmanr  # noqa: PLC0415
 
     plt = _pyplot()
     quality = np.asarray(quality, float).reshape(-1)

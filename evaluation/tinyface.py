@@ -18,6 +18,7 @@ import dataclasses
 import os
 
 import numpy as np
+import scipy.io
 
 from evaluation import ProtocolError, ranking
 
@@ -77,7 +78,6 @@ def read_protocol_mat(path: str, which: str) -> tuple[list[str], np.ndarray]:
     (N x 1 integers); ``gallery_match_img_ID_pairs.mat`` holds ``gallery_set``/``gallery_ids``
     (the TinyFace release's MATLAB scoring inputs). Anything else raises ProtocolError.
     """
-    import scipy.io  # noqa: PLC0415
     _, set_key, id_key = MAT_FILES[which]
     try:
         mat = scipy.io.loadmat(path)

@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import os
 
+import joblib
 import numpy as np
 
 
@@ -66,7 +67,6 @@ def load_weights(weights_dir: str | None = None) -> MTCNNWeights:
     The files are joblib pickles; only load them from the installed package or another
     trusted location (unpickling can run code).
     """
-    import joblib  # a scikit-learn dependency; imported lazily
 
     weights_dir = weights_dir or mtcnn_package_weights_dir()
     loaded = {}

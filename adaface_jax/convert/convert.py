@@ -9,6 +9,7 @@ with ``head = {'kernel': (512, C)[, 'batch_mean': (1,), 'batch_std': (1,)]}``.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -16,11 +17,15 @@ import shutil
 import tempfile
 from typing import Mapping, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from adaface_jax.convert import mapping
-from adaface_jax.errors import InputError
 from adaface_jax.convert.safe_load import read_torch_checkpoint
+from adaface_jax.errors import InputError
+from adaface_jax.models import ARCHS, build_model
 
 META_NAME = "adaface_meta.json"
 CKPT_NAME = "checkpoint"
@@ -82,10 +87,7 @@ def split_state_dict(sd: Mapping) -> tuple[dict, dict, dict]:
 
 def flax_shapes(arch: str, input_size: int = 112) -> dict:
     """{'params', 'batch_stats'} of ``arch`` as ShapeDtypeStructs (no compute)."""
-    import jax
-    import jax.numpy as jnp
 
-    from adaface_jax.models import build_model
 
     model = build_model(arch, input_size=input_size)
     x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
@@ -130,7 +132,6 @@ def state_dict_to_variables(sd: Mapping, arch: Optional[str] = None, input_size:
             raise InputError(f"{e}; pass arch= explicitly") from None
     arch = arch or inferred[0]
     input_size = input_size or (inferred[1] if inferred else 112)
-    from adaface_jax.models import ARCHS
 
     if arch not in ARCHS:
         raise InputError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
@@ -229,7 +230,6 @@ def export_state_dict(params: Mapping, batch_stats: Mapping, head: Optional[Mapp
 
 def to_torch_state_dict(sd: Mapping[str, np.ndarray]):
     """numpy state_dict -> OrderedDict of torch tensors (imports torch)."""
-    import collections
 
     import torch
 
@@ -271,7 +271,6 @@ def make_meta(arch: str, input_size: int, variables: Mapping, head: Optional[Map
 def save_converted(out_dir: str, arch: str, input_size: int, variables: Mapping, head: Optional[Mapping] = None,
                    meta_extra: Optional[dict] = None, force: bool = False) -> dict:
     """Write ``out_dir/checkpoint`` (orbax) and ``out_dir/adaface_meta.json``; returns the meta."""
-    import orbax.checkpoint as ocp
 
     out_dir = os.path.abspath(out_dir)
     ckpt_dir = os.path.join(out_dir, CKPT_NAME)

@@ -18,6 +18,7 @@ import numpy as np
 from adaface_jax.convert.mapping import flax_to_torch_value
 from adaface_jax.deploy.graph import walk_iresnet
 from adaface_jax.errors import InputError
+from adaface_jax.io import atomic_write
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -192,7 +193,6 @@ def input_contract(arch, input_size, layout, channel_order, dtype, include_norm,
 
 
 def save_onnx(model, path: str) -> None:
-    from adaface_jax.io import atomic_write  # noqa: PLC0415
 
     with atomic_write(path) as f:
         f.write(model.SerializeToString())

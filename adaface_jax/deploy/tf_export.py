@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 import numpy as np
+import tensorflow as tf
 
 from adaface_jax.deploy.graph import walk_iresnet
 from adaface_jax.deploy.onnx_export import input_contract, with_input_contract
@@ -86,18 +87,9 @@ class _TFEmitter:
         return x / norm, norm
 
 
-def _require_tf():
-    try:
-        import tensorflow as tf  # noqa: PLC0415
-    except ImportError:
-        raise InputError("--format savedmodel needs TensorFlow: pip install tensorflow-cpu") from None
-    return tf
-
-
 def build_tf_module(variables: dict, arch: str, *, width: int = 64, input_size: int = 112, layout: str = "NHWC",
                     channel_order: str = "BGR", include_norm: bool = True):
     """-> a ``tf.Module`` whose ``serve(input)`` returns ``{'embedding', 'norm'}``."""
-    tf = _require_tf()
     if layout not in ("NHWC", "NCHW"):
         raise InputError(f"--layout {layout}: expected NHWC or NCHW")
     variables = with_input_contract(variables, channel_order)
@@ -123,7 +115,6 @@ def save_savedmodel(variables: dict, arch: str, out_dir: str, *, width: int = 64
                     layout: str = "NHWC", channel_order: str = "BGR", include_norm: bool = True,
                     metadata: dict | None = None) -> dict:
     """Write the SavedModel folder atomically (a temp folder renamed into place); returns the contract."""
-    tf = _require_tf()
     module = build_tf_module(variables, arch, width=width, input_size=input_size, layout=layout,
                              channel_order=channel_order, include_norm=include_norm)
     out_dir = os.path.abspath(out_dir)
