@@ -3,8 +3,6 @@
 with ``strict=True``), an ONNX model or a TensorFlow SavedModel (see ``adaface_jax.deploy``)."""
 from __future__ import annotations
 
-import os
-
 FORMATS = ("torch", "onnx", "savedmodel")
 
 
@@ -41,56 +39,9 @@ def check_options(args) -> None:
                              "float16 quantization instead)")
 
 
-def export_to_file(src: str, out: str, include_head: bool = True) -> int:
-    """Write ``{'state_dict': ...}`` atomically; returns the number of keys."""
-    import torch
-
-    from adaface_jax.checkpoint import load_weights
-    from adaface_jax.convert.convert import export_state_dict, to_torch_state_dict
-    from adaface_jax.io import atomic_write, check_output_file
-
-    out = check_output_file(out)
-    _, variables, head, meta = load_weights(src)
-    sd = export_state_dict(variables["params"], variables["batch_stats"], head if include_head else None,
-                           num_batches_tracked=int(meta.get("num_batches_tracked", 0)))
-    with atomic_write(out) as f:
-        torch.save({"state_dict": to_torch_state_dict(sd)}, f)
-    return len(sd)
-
-
-def export_graph(src: str, out: str, fmt: str, *, layout: str = "NHWC", channel_order: str = "BGR",
-                 dtype: str = "float32", include_norm: bool = True) -> dict:
-    """ONNX or SavedModel export of a model; returns its input contract."""
-    from adaface_jax.checkpoint import load_weights
-    from adaface_jax.errors import InputError
-    from adaface_jax.io import check_output_dir, check_output_file
-
-    if fmt == "onnx":
-        from adaface_jax.deploy import onnx_export
-
-        onnx_export._require_onnx()  # a missing extra is reported before any work
-        check_output_file(out)
-    else:
-        from adaface_jax.deploy import tf_export
-
-        out = check_output_dir(out)
-        if os.path.isdir(out) and os.listdir(out):
-            raise InputError(f"{out}: exists and is not empty; a SavedModel is written into a new folder")
-        if not os.path.isdir(os.path.dirname(out)):
-            raise InputError(f"{out}: its folder {os.path.dirname(out)} does not exist")
-    arch, variables, _, meta = load_weights(src)
-    kw = dict(width=int(meta.get("width", 64)), input_size=int(meta.get("input_size", [112])[0]), layout=layout,
-              channel_order=channel_order, include_norm=include_norm)
-    if fmt == "onnx":
-        model = onnx_export.build_onnx_model(variables, arch, dtype=dtype, metadata=meta, **kw)
-        onnx_export.save_onnx(model, out)
-        return {p.key: p.value for p in model.metadata_props}
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty: replaced by the finished SavedModel
-    return tf_export.save_savedmodel(variables, arch, out, metadata=meta, **kw)
-
-
 def run(args) -> int:
+    from adaface_jax.deploy.export import export_graph, export_to_file
+
     check_options(args)
     if args.format == "torch":
         n = export_to_file(args.src_dir, args.out, include_head=not args.no_head)

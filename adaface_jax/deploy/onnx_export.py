@@ -25,7 +25,7 @@ INPUT_NAME = "input"
 OUTPUT_NAMES = ("embedding", "norm")
 
 
-def _require_onnx():
+def require_onnx():
     try:
         import onnx  # noqa: PLC0415
         from onnx import helper, numpy_helper  # noqa: PLC0415
@@ -124,7 +124,7 @@ def build_onnx_model(variables: dict, arch: str, *, width: int = 64, input_size:
                      channel_order: str = "BGR", dtype: str = "float32", include_norm: bool = True,
                      metadata: dict | None = None):
     """-> an ``onnx.ModelProto`` of the eval-mode backbone (see the module docstring)."""
-    onnx, helper, numpy_helper = _require_onnx()
+    onnx, helper, numpy_helper = require_onnx()
     if dtype not in ("float32", "float16"):
         raise InputError(f"--dtype {dtype}: ONNX export supports float32 and float16")
     variables = with_input_contract(variables, channel_order)
