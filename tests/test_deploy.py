@@ -90,6 +90,18 @@ def test_savedmodel_serving_signature_matches_jax(released, tmp_path):
     assert np.max(np.abs(got["norm"].numpy() / want_norm - 1)) <= FLOAT32_TOL
     contract = json.loads((out / "assets.extra" / "adaface_meta.json").read_text())
     assert contract["layout"] == "NHWC" and contract["channel_order"] == "BGR"
+    # plain TF ops: TFLite converts it, and its interpreter gives the same numbers
+    lite = tf.lite.TFLiteConverter.from_saved_model(str(out)).convert()
+    interpreter = tf.lite.Interpreter(model_content=lite)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, list(x.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, x)
+    interpreter.invoke()
+    lite_out = sorted((interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()),
+                      key=lambda a: -a.shape[1])  # embedding (D columns), then norm (1 column)
+    assert np.max(np.abs(lite_out[0] - want_emb)) <= FLOAT32_TOL
+    assert np.max(np.abs(lite_out[1] / want_norm - 1)) <= FLOAT32_TOL
 
 
 def test_ckpt_to_onnx_reproduces_the_models_on_the_reference_photos(released, shared_data, tmp_path):
@@ -109,6 +121,14 @@ def test_ckpt_to_onnx_reproduces_the_models_on_the_reference_photos(released, sh
         t_emb, t_norm = released["backbone"](torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
     assert np.max(np.abs(emb - t_emb.numpy())) <= FLOAT32_TOL
     assert np.max(np.abs(norm / t_norm.numpy() - 1)) <= FLOAT32_TOL
+    # the SavedModel on the same photos
+    import tensorflow as tf
+
+    saved = tmp_path / "from_ckpt_saved"
+    assert main(["export", str(released["ckpt"]), str(saved), "--format", "savedmodel"]) == 0
+    got = tf.saved_model.load(str(saved)).signatures["serving_default"](input=tf.constant(x))
+    assert np.max(np.abs(got["embedding"].numpy() - jax_emb)) <= FLOAT32_TOL
+    assert np.max(np.abs(got["norm"].numpy() / jax_norm - 1)) <= FLOAT32_TOL
 
 
 def _one_line(capsys, command, *needles):
