@@ -134,6 +134,16 @@ def jit_sharded(fn, mesh: Mesh, state_shardings_: Any, *, donate: bool = True):
                    out_shardings=(state_shardings_, replicated(mesh)), donate_argnums=(0,) if donate else ())
 
 
+def abstract_sharded(init_fn, mesh: Mesh, *args):
+    """What ``create_sharded`` would return, as ``jax.ShapeDtypeStruct``s carrying their shardings (nothing
+    allocated): for lowering and compiling a step ahead of time."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = state_shardings(mesh, abstract)
+    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                                   shardings)
+    return state, shardings
+
+
 def create_sharded(init_fn, mesh: Mesh, *args):
     """Run ``init_fn(*args)`` under jit with outputs placed directly in their mesh shardings (the
     class-sharded kernel is never materialised whole on one device)."""

@@ -4,11 +4,17 @@
     python benchmarks/device_train_mfu.py --arch ir_101 --per-chip-batch 128 --num-classes 617970
     # proof that it runs, on CPU with tiny settings:
     python benchmarks/device_train_mfu.py --arch ir_18 --per-chip-batch 2 --num-classes 64 --steps 2 \
-        --peak-tflops 0.1 --float32
+        --peak-tflops 0.1 --precision float32
 
-FLOPs per step come from the compiled step's XLA cost analysis (summed over devices where the
-backend reports per-device numbers); MFU = achieved FLOP/s / (chips x peak FLOP/s per chip).  The
-peak comes from --peak-tflops or a small table of dense bf16 peaks by device kind.
+The step is the trainer's (``adaface_jax.train.setup.build_trainer``: the recipe's AdaFace head, SGD,
+class-sharded kernel, ``--sample-rate`` for Partial FC).  The config comes from ``configs.common`` when
+ml_collections is importable, else from a plain attribute dict with the same fields (so it runs where
+only JAX, flax, optax and orbax are installed: no TensorFlow, no ml_collections).
+
+FLOPs per step come from the compiled step's XLA cost analysis (the per-device program x devices);
+MFU = achieved FLOP/s / (chips x peak FLOP/s per chip).  The peak comes from --peak-tflops or a small
+table of dense bf16 peaks by device kind.  ``--forward`` also times the eval-mode forward pass;
+peak memory is the device's ``memory_stats()['peak_bytes_in_use']`` where the backend reports it.
 """
 from __future__ import annotations
 
@@ -32,7 +38,40 @@ def peak_tflops(kind: str):
     return None
 
 
-def main():
+class AttrDict(dict):
+    """The few ConfigDict behaviours the trainer uses (attribute access, ``get``, ``in``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+def plain_config(arch: str, num_classes: int) -> AttrDict:
+    """The fields of ``configs.common.get_base_config`` that the trainer reads, without ml_collections."""
+    return AttrDict(
+        seed=42, num_classes=num_classes, global_batch_size=512, accum_steps=1, lr=0.1, lr_milestones=(12, 20, 24),
+        lr_gamma=0.1, warmup_epochs=0.0, momentum=0.9, weight_decay=5e-4, precision="bfloat16", half_precision=True,
+        per_device_stats=False,
+        model=AttrDict(arch=arch, embedding_size=512, width=64, dropout_rate=0.4),
+        head=AttrDict(name="adaface", m=0.4, h=0.333, s=64.0, t_alpha=0.01, sample_rate=1.0),
+        loss_scale=AttrDict(init=2.0 ** 16, growth_interval=2000, growth_factor=2.0, backoff_factor=0.5),
+        data=AttrDict(image_size=112))
+
+
+def make_config(arch: str, num_classes: int):
+    try:
+        from configs.common import get_base_config  # noqa: PLC0415  (needs ml_collections)
+        return get_base_config(arch=arch, num_classes=num_classes), "configs.common"
+    except ImportError:
+        return plain_config(arch, num_classes), "plain dict (no ml_collections)"
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ir_50")
     ap.add_argument("--per-chip-batch", type=int, default=128)
@@ -40,41 +79,38 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s per chip in TFLOP/s")
-    ap.add_argument("--float32", action="store_true", help="float32 backbone (default bfloat16)")
-    args = ap.parse_args()
+    ap.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--float32", action="store_true", help="same as --precision float32")
+    ap.add_argument("--width", type=int, default=64, help="first-stage channels (64 = the released models)")
+    ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
+    ap.add_argument("--forward", action="store_true", help="also time the eval-mode forward pass")
+    args = ap.parse_args(argv)
+    precision = "float32" if args.float32 else args.precision
 
     import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
     from adaface_jax import parallel  # noqa: PLC0415
-    from adaface_jax.models import build_model  # noqa: PLC0415
-    from adaface_jax.train import optimizer as optim  # noqa: PLC0415
-    from adaface_jax.train.state import create_train_state, init_variables  # noqa: PLC0415
-    from adaface_jax.train.step import StepConfig, make_train_step  # noqa: PLC0415
+    from adaface_jax.train.setup import build_trainer  # noqa: PLC0415
 
     mesh = parallel.make_mesh()
     chips = mesh.devices.size
     kind = jax.devices()[0].device_kind
-    model = build_model(args.arch, dtype=jnp.float32 if args.float32 else jnp.bfloat16)
-    padded = parallel.padded_num_classes(args.num_classes, chips)
-    schedule = optim.lr_schedule(0.1, 1000, (12,))
-
-    def init(rng):
-        p, bs, hs = init_variables(model, rng, args.num_classes, padded_classes=padded)
-        return create_train_state(p, bs, hs, optim.make_optimizer(schedule, p, bs), rng)
-
-    state, shardings = parallel.create_sharded(init, mesh, jax.random.PRNGKey(0))
-    cfg = StepConfig(head="adaface", head_kwargs=dict(m=0.4, h=0.333, s=64.0, t_alpha=0.01),
-                     num_classes=args.num_classes, embedding_sharding=parallel.embedding_sharding(mesh),
-                     logits_sharding=parallel.logits_sharding(mesh))
-    step = parallel.jit_sharded(make_train_step(model, cfg), mesh, shardings)
     global_batch = args.per_chip_batch * chips
+    config, source = make_config(args.arch, args.num_classes)
+    config.precision = precision
+    config.global_batch_size = global_batch
+    config.model.width = args.width
+    config.data.image_size = args.image_size
+    config.head.sample_rate = args.sample_rate
+    trainer = build_trainer(config, mesh, steps_per_epoch=1000)
+    state, size = trainer.state, args.image_size
     rs = np.random.RandomState(jax.process_index())
     local = global_batch // jax.process_count()
-    batch = parallel.host_to_global({"image": rs.uniform(-1, 1, (local, 112, 112, 3)).astype(np.float32),
+    batch = parallel.host_to_global({"image": rs.uniform(-1, 1, (local, size, size, 3)).astype(np.float32),
                                      "label": rs.randint(0, args.num_classes, local).astype(np.int32)}, mesh)
     t = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = trainer.step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -92,8 +128,8 @@ def main():
     dt = (time.perf_counter() - t) / args.steps
 
     peak = args.peak_tflops or peak_tflops(kind)
-    print(f"device {kind} x{chips}; {args.arch} {'float32' if args.float32 else 'bfloat16'}; "
-          f"{args.num_classes} classes (padded {padded}); global batch {global_batch}")
+    print(f"device {kind} x{chips}; {args.arch} {precision}; {args.num_classes} classes (padded "
+          f"{trainer.padded_classes}); global batch {global_batch}; sample rate {args.sample_rate:g}; config {source}")
     print(f"compile {compile_s:.1f} s; step {dt * 1e3:.1f} ms; loss {float(m['loss']):.3f}")
     print(f"images/s total {global_batch / dt:.1f}; per chip {global_batch / dt / chips:.1f}")
     print(f"model FLOPs/step {flops_step / 1e12:.3f} TFLOP ({flops_step / global_batch / 1e9:.2f} GFLOP/image)")
@@ -102,6 +138,26 @@ def main():
         print(f"MFU {100 * mfu:.1f}% of {peak:.3g} TFLOP/s per chip")
     else:
         print("MFU: unknown peak for this device kind; pass --peak-tflops")
+
+    if args.forward:
+        variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+        model = trainer.eval_model
+        fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+        images = batch["image"]
+        jax.block_until_ready(fwd(variables, images))
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            out = fwd(variables, images)
+        jax.block_until_ready(out)
+        fdt = (time.perf_counter() - t) / args.steps
+        print(f"forward images/s total {global_batch / fdt:.1f}; per chip {global_batch / fdt / chips:.1f}")
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        print(f"peak memory {stats['peak_bytes_in_use'] / 2 ** 30:.2f} GiB of "
+              f"{stats.get('bytes_limit', 0) / 2 ** 30:.1f} GiB (device 0)")
+    else:
+        print("peak memory: not reported by this backend")
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def get_base_config(arch: str = "ir_50", num_classes: int = 85742, data_dir: str
     c.warmup_epochs = 0.0
     c.momentum = 0.9
     c.weight_decay = 5e-4
-    c.half_precision = True      # bfloat16 backbone compute, float32 params/head/loss
+    c.precision = "bfloat16"     # backbone compute: 'float32' | 'bfloat16' | 'float16' (params/head/loss float32)
+    c.half_precision = True      # legacy key: False turns precision='bfloat16' into 'float32'; prefer `precision`
     c.per_device_stats = False   # True: BN and AdaFace statistics per device (the original's DDP)
     c.max_skipped_in_row = 20    # stop after this many consecutive non-finite steps (checked at log steps)
     c.log_every = 50
@@ -41,6 +42,14 @@ def get_base_config(arch: str = "ir_50", num_classes: int = 85742, data_dir: str
     c.head.h = 0.333
     c.head.s = 64.0
     c.head.t_alpha = 0.01
+    c.head.sample_rate = 1.0     # Partial FC: < 1 samples this fraction of each device's classes (+ the batch's)
+
+    # Dynamic loss scaling, used only with precision='float16' (torch GradScaler defaults)
+    c.loss_scale = ml_collections.ConfigDict()
+    c.loss_scale.init = 2.0 ** 16
+    c.loss_scale.growth_interval = 2000
+    c.loss_scale.growth_factor = 2.0
+    c.loss_scale.backoff_factor = 0.5
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfrecord"   # 'random' = noise batches (benchmarks, plumbing tests)
@@ -52,6 +61,8 @@ def get_base_config(arch: str = "ir_50", num_classes: int = 85742, data_dir: str
     c.data.lowres_prob = 0.2
     c.data.photometric_prob = 0.2
     c.data.flip_prob = 0.5
+    c.data.num_streams = 64      # logical input streams (gcd with the global batch is used); the process count
+                                 # must divide it. Fixes the data order: keep it when resuming on another topology
     c.data.max_bad_records = 100  # undecodable training records replaced before the run stops (see `adaface-jax check`)
 
     c.eval = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ def get_config():
     c.epochs = 2
     c.lr = 0.05
     c.lr_milestones = (1,)
-    c.half_precision = False       # bfloat16 convs are slow on CPU
+    c.precision = "float32"       # bfloat16 convs are slow on CPU
     c.log_every = 1
     c.eval.every_epochs = 1
     c.eval.batch_size = 32

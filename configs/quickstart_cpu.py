@@ -22,7 +22,7 @@ def get_config():
     c.epochs = 4
     c.lr = 0.1
     c.lr_milestones = (3,)
-    c.half_precision = False       # bfloat16 convolutions are slow on CPU
+    c.precision = "float32"       # bfloat16 convolutions are slow on CPU
     c.log_every = 10
     c.eval.every_epochs = 2
     c.eval.batch_size = 128

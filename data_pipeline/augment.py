@@ -1,4 +1,5 @@
-"""Training augmentations (§5.5) as TensorFlow ops on one uint8 BGR image, driven by stateless random ops.
+"""Training augmentations (the original's Augmenter: crop, low resolution, photometric) as TensorFlow ops
+on one uint8 BGR image, driven by stateless random ops.
 
 `sample_params(seed, ...)` draws every random choice from a per-element seed (so a run is reproducible and
 a resumed run sees the same augmentations); `apply_params(image, params)` applies them. Order and
@@ -290,3 +291,26 @@ def augment_batch(images, seed, image_size: int = 112, **probs):
     """Augments a uint8 BGR batch [B, H, W, 3]; `seed` [2] determines every image's draws."""
     batch_size = images.shape[0] if images.shape[0] is not None else tf.shape(images)[0]
     return apply_params_batch(images, sample_params(seed, image_size, batch_size=batch_size, **probs))
+
+
+
+# ----------------------------------------------------------------------------------------------- position keys
+
+def global_step_seed(seed, epoch, step_in_epoch):
+    """[2] int64 seed of one global batch: (seed * 1_000_003 + epoch, step in the epoch)."""
+    return tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64),
+                     tf.cast(step_in_epoch, tf.int64)])
+
+
+def rows_params(seed, epoch, step_in_epoch, global_batch_size: int, first_row, num_rows: int,
+                image_size: int = 112, **probs) -> dict:
+    """The draws of global rows [first_row, first_row + num_rows) of one global batch.
+
+    The draws of the whole global batch come from one seed keyed by (seed, epoch, step in the epoch), row j
+    being image j of sample_params(batch_size=global_batch_size); a process keeps its rows. So an image's
+    draws depend on its global position (epoch, step, row), never on how the batch is split over processes
+    or devices. (Drawing the parameters of the B rows costs well under a millisecond; the per-image ops then
+    run only on the process's rows.)"""
+    params = sample_params(global_step_seed(seed, epoch, step_in_epoch), image_size, batch_size=global_batch_size,
+                           **probs)
+    return {k: v[first_row:first_row + num_rows] for k, v in params.items()}

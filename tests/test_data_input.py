@@ -64,24 +64,35 @@ def test_resume_yields_the_same_batches(colour_dataset):
 
 
 def test_hosts_split_the_data(colour_dataset, tmp_path):
+    """Two hosts run contiguous blocks of the 8 input streams (gcd(64, 8)): they read disjoint images, half each,
+    and their rows concatenated in process order are the one-host global batch."""
     manifest = read_manifest(colour_dataset)
-    seen = []
+    seen, rows = [], []
     for p in range(2):
-        ids, element_split, count = host_assignment(manifest, p, 2)
-        assert not element_split and ids == [p, p + 2]
+        shards, streams, count = host_assignment(manifest, p, 2, 64, 8)
+        assert streams == list(range(4 * p, 4 * p + 4)) and count == 20
+        starts = np.cumsum([0] + [sh["num_images"] for sh in manifest["shards"]])
+        # the shards holding records [20p, 20p + 20) of the shards concatenated in manifest order
+        assert shards == [k for k in range(4) if starts[k] < 20 * p + 20 and starts[k + 1] > 20 * p]
         cfg = TrainInputConfig(data_dir=colour_dataset, global_batch_size=8, seed=0, process_index=p,
                                process_count=2, augment=False, shuffle_buffer=64)
         spe = steps_per_epoch(cfg)
-        assert spe == min(40 // 8, min(host_assignment(manifest, q, 2)[2] for q in range(2)) // 4)
+        assert spe == 5  # 40 images / 8 streams = 5 per stream, 1 row per stream and step
         it = make_train_iterator(cfg)
-        seen.append([tuple(b["image"][:, 0, 0, 0].tolist()) + tuple(b["label"].tolist())
-                     for b in (next(it) for _ in range(spe))])
+        batches = [next(it) for _ in range(spe)]
+        rows.append(batches)
+        seen.append([tuple(b["image"][:, 0, 0, 0].tolist()) + tuple(b["label"].tolist()) for b in batches])
     assert len(seen[0][0]) == 8  # 4 local images: 4 pixel values + 4 labels
     ids0, ids1 = ({t[4 + i] * 100 + round(t[i] * 1000) for t in s for i in range(4)} for s in seen)
-    assert not ids0 & ids1  # hosts read disjoint images
-    # fewer shards than hosts: every host reads all and keeps every count-th record
-    ids, element_split, count = host_assignment(manifest, 1, 8)
-    assert element_split and count == 5
+    assert not ids0 & ids1 and len(ids0) == len(ids1) == 20  # hosts read disjoint images, half each
+    one = make_train_iterator(TrainInputConfig(data_dir=colour_dataset, global_batch_size=8, seed=0, augment=False,
+                                               shuffle_buffer=64))
+    for step in range(5):
+        batch = next(one)
+        np.testing.assert_array_equal(batch["image"], np.concatenate([rows[0][step]["image"], rows[1][step]["image"]]))
+        np.testing.assert_array_equal(batch["label"], np.concatenate([rows[0][step]["label"], rows[1][step]["label"]]))
+    with pytest.raises(ValueError, match="num_streams"):  # 3 processes cannot split 8 streams
+        host_assignment(manifest, 0, 3, 64, 8)
 
 
 def test_synthetic_dataset_trains_through_pipeline_and_grid(tmp_path):

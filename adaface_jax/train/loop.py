@@ -21,16 +21,12 @@ import numpy as np
 
 from adaface_jax import heads, parallel
 from adaface_jax.checkpoint import Checkpointer, load_weights
-from adaface_jax.errors import InputError
+from adaface_jax.errors import ConfigError, InputError  # noqa: F401  (ConfigError: re-exported)
 from adaface_jax.models import MODEL_NAMES
 from adaface_jax.train.setup import build_backbone, build_trainer, init_state, make_schedule  # noqa: F401
 from adaface_jax.train.state import TrainState
 
 log = logging.getLogger("adaface_jax.train")
-
-
-class ConfigError(InputError):
-    """A configuration problem found before anything is compiled; the message names the field."""
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -139,14 +135,17 @@ def apply_init_from(state: TrainState, path: str, config, shardings, weights=Non
 # ----------------------------------------------------------------------------------------------- data
 
 def random_batches(config, start_step: int, local_batch: int) -> Iterator[dict]:
-    """Noise images with random labels, a pure function of (seed, step, process): for benchmarks and
-    plumbing tests, selected with ``data.source='random'``."""
+    """Noise images with random labels, each row a pure function of (seed, step, global row): for benchmarks
+    and plumbing tests, selected with ``data.source='random'``. This process's rows are the block
+    [process_index * local_batch, (process_index + 1) * local_batch) of the global batch, so the global
+    batches do not depend on the number of processes."""
     size = config.data.image_size
+    first = jax.process_index() * local_batch
     step = start_step
     while True:
-        rs = np.random.RandomState([config.seed, step, jax.process_index()])
-        yield {"image": rs.uniform(-1, 1, (local_batch, size, size, 3)).astype(np.float32),
-               "label": rs.randint(0, config.num_classes, (local_batch,)).astype(np.int32)}
+        rows = [np.random.RandomState([config.seed, step, first + r]) for r in range(local_batch)]
+        yield {"image": np.stack([rs.uniform(-1, 1, (size, size, 3)).astype(np.float32) for rs in rows]),
+               "label": np.array([rs.randint(0, config.num_classes) for rs in rows], np.int32)}
         step += 1
 
 
@@ -156,14 +155,58 @@ def input_config(config):
     return TrainInputConfig(data_dir=d.data_dir, global_batch_size=config.global_batch_size, seed=config.seed,
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             augment=d.augment, crop_prob=d.crop_prob, lowres_prob=d.lowres_prob,
-                            photometric_prob=d.photometric_prob, flip_prob=d.flip_prob, image_size=d.image_size)
+                            photometric_prob=d.photometric_prob, flip_prob=d.flip_prob, image_size=d.image_size,
+                            num_streams=int(d.get("num_streams", 64)))
+
+
+def data_layout(config) -> dict:
+    """What fixes the sequence of global batches (recorded in every checkpoint): the same values on any topology
+    reproduce the same batches; ``streams`` = gcd(data.num_streams, global_batch_size) for the tfrecord source."""
+    from data_pipeline.input import effective_streams  # noqa: PLC0415
+    streams = (effective_streams(int(config.data.get("num_streams", 64)), config.global_batch_size)
+               if config.data.source == "tfrecord" else 0)
+    return {"source": config.data.source, "global_batch_size": int(config.global_batch_size),
+            "seed": int(config.seed), "streams": int(streams)}
+
+
+def check_data_layout(config) -> None:
+    """ConfigError unless this process count can run the input streams (it must divide their number)."""
+    streams = data_layout(config)["streams"]
+    if streams and streams % jax.process_count():
+        raise ConfigError(f"config.data.num_streams={config.data.get('num_streams', 64)}: the {streams} input streams "
+                          f"(gcd of data.num_streams and global_batch_size={config.global_batch_size}) cannot be "
+                          f"split over {jax.process_count()} processes; use a process count that divides {streams}")
+
+
+def check_resume_layout(saved_meta: dict, config, workdir: str, step: int, num_devices: int) -> None:
+    """Refuses a resume that would not continue the checkpoint's sequence of global batches (one line naming
+    the field). The process and device counts may change freely."""
+    saved = (saved_meta or {}).get("data_layout")
+    if saved is None:
+        log.warning("checkpoint %s step %d records no data layout (written before elastic input): the data order "
+                    "after the resume may differ from the run that wrote it", workdir, step)
+        return
+    now = data_layout(config)
+    fields = {"source": "config.data.source", "global_batch_size": "config.global_batch_size", "seed": "config.seed",
+              "streams": "config.data.num_streams"}
+    for key, field in fields.items():
+        if saved.get(key) != now[key]:
+            raise ConfigError(f"{field}: the checkpoint in {workdir} (step {step}) was written with {key}="
+                              f"{saved.get(key)!r} and this run has {now[key]!r}; resuming would not continue its "
+                              f"sequence of global batches (restore that value, or start a new workdir)")
+    topo = saved_meta.get("topology") or {}
+    if topo and (topo.get("processes"), topo.get("devices")) != (jax.process_count(), num_devices):
+        log.info("resuming a run of %s process(es) / %s device(s) on %d / %d: the global batches continue "
+                 "unchanged", topo.get("processes"), topo.get("devices"), jax.process_count(), num_devices)
 
 
 def make_input(config, start_step: int) -> Iterator[dict]:
-    """Host-local batches starting at global step ``start_step`` (an exact resume of the data order)."""
+    """Host-local batches starting at global step ``start_step`` (an exact resume of the data order): this
+    process's contiguous block of rows of each global batch, which is the same for any process/device count."""
     local_batch = config.global_batch_size // jax.process_count()
     if config.data.source == "random":
         return random_batches(config, start_step, local_batch)
+    check_data_layout(config)
     from data_pipeline.input import hide_gpus_from_tf, make_train_iterator  # noqa: PLC0415
     hide_gpus_from_tf()
     return make_train_iterator(input_config(config), start_step=start_step)
@@ -184,18 +227,33 @@ def find_val_sets(config) -> dict[str, str]:
 
 
 def validate(model_eval, state: TrainState, val_sets: dict[str, tuple], mesh, batch_size: int) -> dict:
-    """Flip-test verification accuracy on each loaded .bin set and their mean."""
+    """Flip-test verification accuracy on each loaded .bin set and their mean.
+
+    With several processes each process embeds its contiguous block of every set's images (padded to equal
+    blocks with copies of the last image) on its own devices, the features are gathered
+    (``multihost_utils.process_allgather``) and every process scores the whole set: the same accuracies as
+    one process, for 1/P of the embedding work each."""
     from adaface_jax.features import extract_features  # noqa: PLC0415
     from evaluation.verification import evaluate  # noqa: PLC0415
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
-    if jax.process_count() > 1:
-        # Backbone variables are replicated: every process embeds the (small) sets on its own devices.
+    nproc, pid = jax.process_count(), jax.process_index()
+    if nproc > 1:
+        # Backbone variables are replicated: each process embeds its share on its own devices.
         variables = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), variables)
         mesh = parallel.make_mesh(jax.local_devices())
     out = {}
     for name, (images, issame) in val_sets.items():
-        feats, _ = extract_features(model_eval, variables, images, batch_size=batch_size, flip_test=True, mesh=mesh,
-                                    progress=False)
+        if nproc > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+            n = len(images)
+            per = -(-n // nproc)
+            rows = np.minimum(np.arange(pid * per, (pid + 1) * per), n - 1)  # the last block padded with image n-1
+            part, _ = extract_features(model_eval, variables, np.asarray(images)[rows], batch_size=batch_size,
+                                       flip_test=True, mesh=mesh, progress=False)
+            feats = np.asarray(multihost_utils.process_allgather(part)).reshape(nproc * per, -1)[:n]
+        else:
+            feats, _ = extract_features(model_eval, variables, images, batch_size=batch_size, flip_test=True,
+                                        mesh=mesh, progress=False)
         _, _, acc, _ = evaluate(feats, issame, nrof_folds=10)
         out[f"val/{name}_acc"] = float(np.mean(acc))
     if out:
@@ -271,6 +329,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     ndev = mesh.devices.size
     manifest = read_data_manifest(config)
     validate_config(config, ndev, manifest)
+    check_data_layout(config)  # before anything is built: the process count must divide the input streams
     spe = steps_per_epoch(config, manifest)
     total_steps = int(config.total_steps) if config.total_steps > 0 else int(config.epochs * spe)
     ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -279,6 +338,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     init_weights = load_init_from(init_from) if (init_from and resume_step is None) else None
     padded = parallel.padded_num_classes(config.num_classes, ndev)
     if resume_step is not None:
+        check_resume_layout(ckpt.read_meta(resume_step), config, workdir, resume_step, ndev)
         saved_padded = int(ckpt.read_meta(resume_step).get("padded_classes", padded))
         if saved_padded % ndev:
             raise ConfigError(f"checkpoint in {workdir} has {saved_padded} kernel columns, not divisible by "
@@ -295,7 +355,8 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
         state = apply_init_from(state, init_from, config, shardings, weights=init_weights)
 
     meta = {"arch": config.model.arch, "head": config.head.name, "num_classes": config.num_classes,
-            "padded_classes": padded, "steps_per_epoch": spe, "config": json.loads(config.to_json())}
+            "padded_classes": padded, "steps_per_epoch": spe, "config": json.loads(config.to_json()),
+            "data_layout": data_layout(config), "topology": {"processes": jax.process_count(), "devices": ndev}}
     metrics_log = MetricsLog(workdir)
     val_sets = {}
     if config.eval.every_epochs > 0:

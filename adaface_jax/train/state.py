@@ -25,6 +25,8 @@ class TrainState:
         the same masks.
       skipped_in_row / skipped_total: non-finite steps skipped consecutively / in total.
       tx: the optax transformation (static, not saved).
+      loss_scale: ``LossScaleState`` (scale, good_steps) of float16 training (``adaface_jax.train.loss_scale``),
+        checkpointed; None for float32/bfloat16, whose checkpoints then hold exactly the fields above.
     """
 
     step: jax.Array
@@ -36,17 +38,18 @@ class TrainState:
     skipped_in_row: jax.Array
     skipped_total: jax.Array
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    loss_scale: Any = None
 
     def checkpoint_items(self) -> dict:
         """The state as a plain dict of arrays (what orbax saves; ``tx`` is rebuilt from the config)."""
-        return {f: getattr(self, f) for f in CHECKPOINT_FIELDS}
+        return {f: getattr(self, f) for f in CHECKPOINT_FIELDS if getattr(self, f) is not None}
 
     def replace_from_checkpoint(self, items: dict) -> "TrainState":
-        return self.replace(**{f: items[f] for f in CHECKPOINT_FIELDS})
+        return self.replace(**{f: items[f] for f in CHECKPOINT_FIELDS if f in items})
 
 
 CHECKPOINT_FIELDS = ("step", "params", "batch_stats", "head_state", "opt_state", "rng", "skipped_in_row",
-                     "skipped_total")
+                     "skipped_total", "loss_scale")
 
 
 def init_variables(model, rng: jax.Array, num_classes: int, *, padded_classes: int | None = None,
@@ -70,10 +73,12 @@ def init_variables(model, rng: jax.Array, num_classes: int, *, padded_classes: i
 
 
 def create_train_state(params, batch_stats, head_state, tx: optax.GradientTransformation,
-                       rng: jax.Array) -> TrainState:
+                       rng: jax.Array, loss_scale: Any = None) -> TrainState:
+    """``loss_scale``: a ``LossScaleState`` for float16 training, else None."""
     # One buffer per counter: a shared zero would make ``jit(..., donate_argnums=0)`` donate it twice.
     def zero():
         return jnp.zeros((), jnp.int32)
 
     return TrainState(step=zero(), params=params, batch_stats=batch_stats, head_state=head_state,
-                      opt_state=tx.init(params), rng=rng, skipped_in_row=zero(), skipped_total=zero(), tx=tx)
+                      opt_state=tx.init(params), rng=rng, skipped_in_row=zero(), skipped_total=zero(), tx=tx,
+                      loss_scale=loss_scale)

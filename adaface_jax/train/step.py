@@ -16,6 +16,13 @@ Micro-batch i takes rows ``i, i+k, i+2k, ...`` so every device holds an equal sh
 Non-finite loss or gradients: params, batch_stats, head_state and opt_state are kept unchanged;
 ``step`` still advances (it is the data position) and ``skipped_in_row``/``skipped_total`` count.
 The loop stops when ``skipped_in_row`` reaches its limit.
+
+float16 (``StepConfig.loss_scale``): the loss is multiplied by ``state.loss_scale.scale`` before
+differentiation and the gradients divided by it; a non-finite step is skipped as above and the scale
+backs off, finite steps grow it (``adaface_jax.train.loss_scale``, GradScaler semantics).
+
+Partial FC (``StepConfig.sample_rate < 1``): the softmax runs over sampled classes on each kernel
+shard (``adaface_jax.train.partial_fc``); ``sample_rate == 1`` is the full softmax, unchanged.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ import jax.numpy as jnp
 import optax
 
 from adaface_jax import heads
+from adaface_jax.train import loss_scale as ls
+from adaface_jax.train import partial_fc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +51,10 @@ class StepConfig:
     embedding_sharding / logits_sharding: optional sharding constraints (see adaface_jax.parallel):
       the embeddings are replicated (all-gathered, B x E) and the logits stay sharded by class so the
       (E, C) kernel is never gathered.
+    sample_rate: Partial FC's sampling rate r (1.0: the full softmax); r < 1 runs the head under
+      ``shard_map`` on ``mesh`` (default: the mesh of ``embedding_sharding``, else the first device).
+    loss_scale: a ``LossScaleConfig`` for float16 compute (the state then holds a ``LossScaleState``);
+      None: no scaling.
     """
 
     head: Any = "adaface"
@@ -52,6 +65,9 @@ class StepConfig:
     lr_fn: Optional[Callable] = None
     embedding_sharding: Any = None
     logits_sharding: Any = None
+    sample_rate: float = 1.0
+    mesh: Any = None
+    loss_scale: Any = None
 
     def __hash__(self):
         return id(self)
@@ -83,6 +99,11 @@ def make_loss_fn(model, cfg: StepConfig):
     if cfg.head_name == "adaface":
         head_kwargs["num_groups"] = cfg.head_num_groups
     num_classes = cfg.num_classes
+    if cfg.sample_rate < 1.0:
+        mesh = cfg.mesh if cfg.mesh is not None else getattr(cfg.embedding_sharding, "mesh", None)
+        if mesh is None:
+            from adaface_jax import parallel  # noqa: PLC0415
+            mesh = parallel.make_mesh(jax.devices()[:1])
 
     def loss_fn(params, batch_stats, head_state, images, labels, dropout_rng):
         (emb, norm), mutated = model.apply({"params": params["backbone"], "batch_stats": batch_stats}, images,
@@ -91,6 +112,11 @@ def make_loss_fn(model, cfg: StepConfig):
         norm = _constrain(norm.astype(jnp.float32), cfg.embedding_sharding)
         labels_r = _constrain(labels, None if cfg.embedding_sharding is None else
                               jax.sharding.NamedSharding(cfg.embedding_sharding.mesh, jax.sharding.PartitionSpec()))
+        if cfg.sample_rate < 1.0:
+            loss, new_head_state = partial_fc.sampled_head_loss(
+                head_fn, head_kwargs, emb, norm, labels_r, params["head"]["kernel"], head_state, dropout_rng,
+                mesh=mesh, num_classes=num_classes, sample_rate=cfg.sample_rate)
+            return loss, (mutated.get("batch_stats", batch_stats), new_head_state, jnp.mean(norm))
         logits, new_head_state = head_fn(emb, norm, labels_r, params["head"]["kernel"], head_state, **head_kwargs)
         logits = _constrain(logits, cfg.logits_sharding)
         loss = heads.softmax_cross_entropy(logits, labels_r, num_classes)
@@ -102,11 +128,24 @@ def make_loss_fn(model, cfg: StepConfig):
 def make_train_step(model, cfg: StepConfig):
     """Return ``train_step(state, batch) -> (state, metrics)`` (pure; jit it with the state donated)."""
     loss_fn = make_loss_fn(model, cfg)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = cfg.accum_steps
+    unscaled_grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if cfg.loss_scale is not None:
+        def scaled_loss(params, batch_stats, head_state, images, labels, rng, scale):
+            loss, aux = loss_fn(params, batch_stats, head_state, images, labels, rng)
+            return loss * scale, (loss, aux)
+
+        scaled_grad = jax.value_and_grad(scaled_loss, has_aux=True)
+
+    def _descaled(scale):
+        def fn(*args):  # the unscaled loss and gradients of the scaled loss
+            (_, (loss, aux)), g = scaled_grad(*args, scale)
+            return (loss, aux), jax.tree_util.tree_map(lambda x: x / scale, g)
+        return fn
 
     def compute(state, images, labels):
         rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = unscaled_grad_fn if cfg.loss_scale is None else _descaled(state.loss_scale.scale)
         if k == 1:
             (loss, (bs, hs, mean_norm)), grads = grad_fn(state.params, state.batch_stats, state.head_state, images,
                                                          labels, rng)
@@ -148,9 +187,13 @@ def make_train_step(model, cfg: StepConfig):
             skipped_in_row=jnp.where(ok, 0, state.skipped_in_row + 1),
             skipped_total=state.skipped_total + jnp.where(ok, 0, 1),
         )
+        if cfg.loss_scale is not None:
+            new_state = new_state.replace(loss_scale=ls.update(state.loss_scale, ok, cfg.loss_scale))
         metrics = {"loss": loss, "skipped": jnp.logical_not(ok).astype(jnp.int32),
                    "skipped_total": new_state.skipped_total, "skipped_in_row": new_state.skipped_in_row,
                    "mean_norm": mean_norm}
+        if cfg.loss_scale is not None:
+            metrics["loss_scale"] = new_state.loss_scale.scale
         if cfg.lr_fn is not None:
             metrics["lr"] = cfg.lr_fn(state.step - state.skipped_total)
         if isinstance(new_state.head_state, heads.AdaFaceState):
