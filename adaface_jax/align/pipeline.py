@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Sequence
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -167,8 +168,6 @@ def iter_warped_crops(paths, landmarks, method: str = "umeyama", size: int = 112
     """Yield ``size`` x ``size`` BGR uint8 crops of images given with their 5-point landmarks, in order
     (``cv2.imread``, then ``warp_face``): the IJB loader of the original (``ImageAligner``) with
     ``method="umeyama"``. An unreadable image raises ``InputError`` naming it."""
-    import cv2
-
     for path, lm in zip(paths, landmarks):
         img = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
         if img is None:

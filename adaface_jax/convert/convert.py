@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from adaface_jax.convert import mapping
-from adaface_jax.convert.safe_load import read_torch_checkpoint
+from adaface_jax.convert.safe_load import import_torch, read_torch_checkpoint
 from adaface_jax.errors import InputError
 from adaface_jax.models import ARCHS, build_model
 
@@ -230,9 +230,7 @@ def export_state_dict(params: Mapping, batch_stats: Mapping, head: Optional[Mapp
 
 def to_torch_state_dict(sd: Mapping[str, np.ndarray]):
     """numpy state_dict -> OrderedDict of torch tensors (imports torch)."""
-
-    import torch
-
+    torch = import_torch()
     return collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in sd.items())
 
 

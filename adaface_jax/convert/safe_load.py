@@ -32,9 +32,20 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _PICKLE_PROTO = 0x80           # the legacy format starts with a pickled magic number
 
 
+def import_torch():
+    """torch, the optional ``[torch]`` extra (PyTorch checkpoints are read and written with it); a
+    missing install is one line that says what to install."""
+    try:
+        import torch  # noqa: PLC0415  (optional heavy dependency: only where PyTorch files are touched)
+    except ImportError:
+        raise InputError("reading or writing a PyTorch checkpoint needs torch: pip install 'adaface-jax[torch]'") \
+            from None
+    return torch
+
+
 def _allowed_globals() -> dict:
-    import torch
-    from torch import _weights_only_unpickler as wou
+    torch = import_torch()
+    wou = torch._weights_only_unpickler
 
     allowed = dict(wou._get_allowed_globals())
     allowed.update({
@@ -106,7 +117,7 @@ def read_torch_checkpoint(path: str | os.PathLike):
 
     Any failure to parse the file (truncated, not a checkpoint at all) is a ``CheckpointReadError``
     naming the file; a pickle that asks to run code is an ``UnsafeCheckpointError``."""
-    import torch
+    torch = import_torch()
 
     path = os.fspath(path)
     if os.path.isdir(path):

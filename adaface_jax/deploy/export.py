@@ -6,6 +6,7 @@ import os
 
 from adaface_jax.checkpoint import load_weights
 from adaface_jax.convert.convert import export_state_dict, to_torch_state_dict
+from adaface_jax.convert.safe_load import import_torch
 from adaface_jax.deploy import onnx_export
 from adaface_jax.errors import InputError
 from adaface_jax.io import atomic_write, check_output_dir, check_output_file
@@ -13,8 +14,7 @@ from adaface_jax.io import atomic_write, check_output_dir, check_output_file
 
 def export_to_file(src: str, out: str, include_head: bool = True) -> int:
     """Write ``{'state_dict': ...}`` atomically; returns the number of keys."""
-    import torch  # noqa: PLC0415  (the optional [torch] extra)
-
+    torch = import_torch()
     out = check_output_file(out)
     _, variables, head, meta = load_weights(src)
     sd = export_state_dict(variables["params"], variables["batch_stats"], head if include_head else None,

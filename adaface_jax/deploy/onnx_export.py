@@ -27,12 +27,11 @@ OUTPUT_NAMES = ("embedding", "norm")
 
 def require_onnx():
     try:
-        import onnx  # noqa: PLC0415
-        from onnx import helper, numpy_helper  # noqa: PLC0415
+        import onnx  # noqa: PLC0415  (the optional [export] extra)
     except ImportError:
         raise InputError("--format onnx needs the optional export extra: pip install 'adaface-jax[export]' "
                          "(onnx and onnxruntime)") from None
-    return onnx, helper, numpy_helper
+    return onnx, onnx.helper, onnx.numpy_helper
 
 
 class _OnnxEmitter:
