@@ -22,7 +22,8 @@ from scipy.stats import spearmanr
 from adaface_jax.features import extract_features
 from adaface_jax.io import atomic_write, write_bytes
 from adaface_jax.train.config_io import apply_overrides, load_config
-from adaface_jax.train.loop import build_backbone, train
+from adaface_jax.train.loop import train
+from adaface_jax.train.setup import build_backbone
 from adaface_jax.train.state import init_variables
 from data_pipeline import synthetic
 from data_pipeline.bin_reader import load_bin
@@ -91,7 +92,7 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
                                             embedding_size=config.model.embedding_size)
     print("[2/4] scoring the untrained network on held-out identities")
     feats0, norms0 = extract_features(model, {"params": params["backbone"], "batch_stats": batch_stats}, images,
-                                      batch_size=config.eval.batch_size, progress=False)
+                                      batch_size=config.evals.verification.batch_size, progress=False)
     before = score_pairs(feats0, norms0, issame, quality)
 
     # 3. training
@@ -103,7 +104,7 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
     print("[4/4] scoring the trained network")
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
     variables = jax.tree_util.tree_map(np.asarray, variables)
-    feats1, norms1 = extract_features(model, variables, images, batch_size=config.eval.batch_size, progress=False)
+    feats1, norms1 = extract_features(model, variables, images, batch_size=config.evals.verification.batch_size, progress=False)
     after = score_pairs(feats1, norms1, issame, quality)
 
     roc_png = write_bytes(os.path.join(workdir, "roc.png"),

@@ -159,7 +159,7 @@ def print_io_amplification(manifest, num_streams, batch):
     per_shard = (150 << 20) // record
     counts = [per_shard] * (n // per_shard) + ([n % per_shard] if n % per_shard else [])
     ms1m = {"num_images": n, "shards": [{"num_images": c, "num_bytes": c * record} for c in counts]}
-    for name, m, b in ((f"this dataset, batch {batch}", manifest, batch), (f"MS1MV2-sized, batch 512", ms1m, 512)):
+    for name, m, b in ((f"this dataset, batch {batch}", manifest, batch), ("MS1MV2-sized, batch 512", ms1m, 512)):
         amp = ", ".join(f"P={p}: {io_amplification(m, num_streams, b, p):.3f}x" for p in (1, 2, 4, 8))
         print(f"I/O amplification ({name}, {len(m['shards'])} shards, {effective_streams(num_streams, b)} streams): "
               f"{amp}")

@@ -24,24 +24,15 @@ def jax_images_per_sec(arch, batch, num_classes, iters, warmup):
     import jax  # noqa: PLC0415
 
     from adaface_jax import parallel  # noqa: PLC0415
-    from adaface_jax.models import build_model  # noqa: PLC0415
-    from adaface_jax.train import optimizer as optim  # noqa: PLC0415
-    from adaface_jax.train.state import create_train_state, init_variables  # noqa: PLC0415
-    from adaface_jax.train.step import StepConfig, make_train_step  # noqa: PLC0415
+    from adaface_jax.train.setup import build_trainer  # noqa: PLC0415
+    from configs.common import get_base_config  # noqa: PLC0415
 
+    # The recipe's step (AdaFace head, the original's SGD groups), in float32, through the trainer builder.
+    config = get_base_config(arch=arch, num_classes=num_classes)
+    config.precision = "float32"
     mesh = parallel.make_mesh(jax.local_devices())
-    model = build_model(arch)
-    schedule = optim.lr_schedule(0.1, 100, (12,))
-    padded = parallel.padded_num_classes(num_classes, mesh.devices.size)
-
-    def init(rng):
-        p, bs, hs = init_variables(model, rng, num_classes, padded_classes=padded)
-        return create_train_state(p, bs, hs, optim.make_optimizer(schedule, p, bs), rng)
-
-    state, shardings = parallel.create_sharded(init, mesh, jax.random.PRNGKey(0))
-    cfg = StepConfig(head="adaface", head_kwargs=dict(m=0.4, h=0.333, s=64.0, t_alpha=0.01), num_classes=num_classes,
-                     embedding_sharding=parallel.embedding_sharding(mesh), logits_sharding=parallel.logits_sharding(mesh))
-    step = parallel.jit_sharded(make_train_step(model, cfg), mesh, shardings)
+    trainer = build_trainer(config, mesh, steps_per_epoch=100)
+    state, step = trainer.state, trainer.step
     rs = np.random.RandomState(0)
     batch = parallel.host_to_global({"image": rs.uniform(-1, 1, (batch, 112, 112, 3)).astype(np.float32),
                                      "label": rs.randint(0, num_classes, batch).astype(np.int32)}, mesh)

@@ -65,12 +65,15 @@ def get_base_config(arch: str = "ir_50", num_classes: int = 85742, data_dir: str
                                  # must divide it. Fixes the data order: keep it when resuming on another topology
     c.data.max_bad_records = 100  # undecodable training records replaced before the run stops (see `adaface-jax check`)
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every_epochs = 1      # 0 disables validation
-    c.eval.sets = ("lfw", "cfp_fp", "cplfw", "agedb_30", "calfw")
-    c.eval.bin_dir = ""          # defaults to the data dir
-    c.eval.batch_size = 256
-    c.eval.max_pairs = 0         # > 0: first N pairs only (smoke runs)
+    # Evaluators the loop builds once and runs every `every_epochs` (evaluation.evaluators); today the
+    # verification sets (.bin), scored with the flip test as the original's validation.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.verification = ml_collections.ConfigDict()
+    c.evals.verification.every_epochs = 1      # 0 disables it
+    c.evals.verification.sets = ("lfw", "cfp_fp", "cplfw", "agedb_30", "calfw")
+    c.evals.verification.bin_dir = ""          # defaults to the data dir
+    c.evals.verification.batch_size = 256
+    c.evals.verification.max_pairs = 0         # > 0: first N pairs only (smoke runs)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 2000

@@ -17,10 +17,10 @@ def get_config():
     c.lr_milestones = (1,)
     c.precision = "float32"       # bfloat16 convs are slow on CPU
     c.log_every = 1
-    c.eval.every_epochs = 1
-    c.eval.batch_size = 32
-    c.eval.max_pairs = 100
-    c.eval.sets = ()               # every .bin in the data dir (synthesize writes synthetic_val.bin)
+    c.evals.verification.every_epochs = 1
+    c.evals.verification.batch_size = 32
+    c.evals.verification.max_pairs = 100
+    c.evals.verification.sets = ()               # every .bin in the data dir (synthesize writes synthetic_val.bin)
     c.checkpoint.every_steps = 10
     c.checkpoint.keep = 2
     return c

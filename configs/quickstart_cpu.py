@@ -24,9 +24,9 @@ def get_config():
     c.lr_milestones = (3,)
     c.precision = "float32"       # bfloat16 convolutions are slow on CPU
     c.log_every = 10
-    c.eval.every_epochs = 2
-    c.eval.batch_size = 128
-    c.eval.sets = ()               # every .bin in the data dir: synthetic_val.bin
+    c.evals.verification.every_epochs = 2
+    c.evals.verification.batch_size = 128
+    c.evals.verification.sets = ()               # every .bin in the data dir: synthetic_val.bin
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 2
     return c

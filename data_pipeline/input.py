@@ -33,8 +33,12 @@ import dataclasses
 import math
 import os
 
+import cv2
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import gen_dataset_ops
+
+from adaface_jax.io import write_bytes
 
 from . import augment as augment_lib
 from .manifest import read_manifest, shard_paths
@@ -163,7 +167,6 @@ class _TFRecordsFromOffset(tf.data.Dataset):
     seeks to its first record instead of reading the records before it every epoch."""
 
     def __init__(self, path, byte_offset, buffer_size):
-        from tensorflow.python.ops import gen_dataset_ops  # noqa: PLC0415
         self._path, self._offset, self._buffer = path, byte_offset, buffer_size
         variant = gen_dataset_ops.tf_record_dataset_v2(
             filenames=path, compression_type="", buffer_size=tf.cast(buffer_size, tf.int64),
@@ -427,8 +430,6 @@ def save_augmentation_grid(source, path_png: str, num_images: int = 8, seed: int
     probability 1 to show it), or a batch dict / iterator of batches from make_train_iterator (tiled as is;
     note that this takes one batch from the iterator).
     """
-    import cv2  # noqa: PLC0415
-
     if isinstance(source, (str, os.PathLike)):
         hide_gpus_from_tf()
         manifest = read_manifest(source)
@@ -450,8 +451,7 @@ def save_augmentation_grid(source, path_png: str, num_images: int = 8, seed: int
     grid_bgr = _tile(rows)
     os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
     # cv2.imwrite takes BGR and stores standard RGB PNG, so the saved picture shows true colours.
-    tmp = f"{path_png}.tmp{os.getpid()}.png"
-    if not cv2.imwrite(tmp, grid_bgr):
-        raise OSError(f"could not write {path_png}")
-    os.replace(tmp, path_png)
-    return path_png
+    ok, png = cv2.imencode(".png", grid_bgr)
+    if not ok:
+        raise OSError(f"could not encode {path_png}")
+    return write_bytes(path_png, png.tobytes())

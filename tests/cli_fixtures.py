@@ -25,7 +25,7 @@ def train_cmd(workdir, total_steps, *, data_dir=None, every_steps=2, delay=0.0, 
             os.path.join(REPO, "configs", "cpu_synthetic.py"), "--workdir", str(workdir), *data,
             "--config.model.arch=tiny", "--config.model.embedding_size=16", "--config.num_classes=8",
             "--config.global_batch_size=8", f"--config.total_steps={total_steps}",
-            f"--config.checkpoint.every_steps={every_steps}", "--config.eval.every_epochs=0", "--config.log_every=1",
+            f"--config.checkpoint.every_steps={every_steps}", "--config.evals.verification.every_epochs=0", "--config.log_every=1",
             "--config.progress=false", "--config.sample_grid=false", f"--config.debug_step_delay_s={delay}", *extra]
 
 

@@ -33,9 +33,9 @@ def elastic_config(data_dir, total_steps=TOTAL, eval_every=0):
     c.log_every = 1
     c.progress = False
     c.sample_grid = False
-    c.eval.every_epochs = eval_every
-    c.eval.sets = ("tiny_val",)
-    c.eval.batch_size = 8
+    c.evals.verification.every_epochs = eval_every
+    c.evals.verification.sets = ("tiny_val",)
+    c.evals.verification.batch_size = 8
     c.checkpoint.every_steps = 1
     c.checkpoint.async_save = False
     return c

@@ -162,7 +162,7 @@ def test_embed_flip_test_matches_the_pytorch_reference(converted_ir18, tmp_path,
 
 TINY = ["--config.model.arch=tiny", "--config.model.embedding_size=16", "--config.data.source=random",
         "--config.data.num_images=64", "--config.data.image_size=16", "--config.global_batch_size=8",
-        "--config.eval.every_epochs=0", "--config.progress=false", "--config.sample_grid=false"]
+        "--config.evals.verification.every_epochs=0", "--config.progress=false", "--config.sample_grid=false"]
 
 
 def _train(workdir, *extra):
@@ -373,7 +373,7 @@ def test_evaluate_checkpoint_embeds_like_the_pytorch_reference(converted_ir18, t
 def _tiny_config(**over):
     from adaface_jax.train.config_io import apply_overrides, load_config  # noqa: PLC0415
     base = {"model.arch": "tiny", "model.embedding_size": "16", "data.source": "random", "data.num_images": "80000",
-            "data.image_size": "16", "num_classes": "8", "global_batch_size": "8", "eval.every_epochs": "0",
+            "data.image_size": "16", "num_classes": "8", "global_batch_size": "8", "evals.verification.every_epochs": "0",
             "progress": "false", "sample_grid": "false", "checkpoint.every_steps": "2", "log_every": "1"}
     return apply_overrides(load_config(os.path.join(REPO, "configs", "cpu_synthetic.py")),
                            {**base, **{k: str(v) for k, v in over.items()}})
@@ -409,8 +409,9 @@ def test_per_device_stats_gives_the_step_per_device_groups(tmp_path):
     """config.per_device_stats=true on 2 devices: train() runs the step with BatchNorm and AdaFace statistics
     in 2 groups -- the state equals a step built by hand with 2 groups, and differs from the global one."""
     from adaface_jax import parallel  # noqa: PLC0415
-    from adaface_jax.train.loop import (head_kwargs, init_state, make_schedule, random_batches,  # noqa: PLC0415
-                                        steps_per_epoch, train)
+    from adaface_jax.heads import head_params  # noqa: PLC0415
+    from adaface_jax.train.loop import random_batches, steps_per_epoch, train  # noqa: PLC0415
+    from adaface_jax.train.setup import init_state, make_schedule  # noqa: PLC0415
     from adaface_jax.train.step import StepConfig, make_train_step  # noqa: PLC0415
     from adaface_jax.models import TinyBackbone  # noqa: PLC0415
     devices = jax.devices()[:2]
@@ -426,7 +427,7 @@ def test_per_device_stats_gives_the_step_per_device_groups(tmp_path):
         model = TinyBackbone(embedding_size=16, dtype=jax.numpy.float32, bn_groups=groups)
         s, shardings = init_state(config, model, mesh, schedule, parallel.padded_num_classes(8, 2))
         kernel0 = np.asarray(jax.device_get(s.params["backbone"]["conv"]["kernel"]))
-        cfg = StepConfig(head="adaface", head_kwargs=head_kwargs(config), num_classes=8, head_num_groups=groups,
+        cfg = StepConfig(head="adaface", head_kwargs=head_params(config.head), num_classes=8, head_num_groups=groups,
                          lr_fn=schedule, embedding_sharding=parallel.embedding_sharding(mesh),
                          logits_sharding=parallel.logits_sharding(mesh))
         step = parallel.jit_sharded(make_train_step(model, cfg), mesh, shardings)

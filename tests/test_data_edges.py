@@ -15,7 +15,7 @@ import pytest
 from adaface_jax.cli import main
 from data_pipeline import convert, recordio
 from data_pipeline.manifest import read_manifest, shard_paths
-from data_pipeline.tfrecord import file_sha256, make_example, write_tfrecord_atomic
+from data_pipeline.tfrecord import make_example, write_tfrecord_atomic
 from data_fixtures import read_tfrecord_examples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -430,7 +430,7 @@ def _train_config(data_dir, **kw):
     c = load_config(os.path.join(REPO, "configs", "cpu_synthetic.py"))
     c.data.data_dir = data_dir
     settings = dict(num_classes=4, global_batch_size=8, log_every=1, progress=False, sample_grid=False,
-                    eval__every_epochs=0, model__arch="tiny", model__embedding_size=16, data__image_size=16,
+                    evals__verification__every_epochs=0, model__arch="tiny", model__embedding_size=16, data__image_size=16,
                     checkpoint__every_steps=1, checkpoint__async_save=False)
     settings.update(kw)
     for k, v in settings.items():

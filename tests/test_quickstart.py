@@ -14,7 +14,7 @@ from adaface_jax.cli import main
 SMALL = ["--identities", "40", "--images-per-identity", "6", "--val-identities", "20", "--val-pairs", "100",
          "--seed", "0", "--config.model.width=8", "--config.global_batch_size=32", "--config.epochs=5",
          "--config.lr_milestones=4,", "--config.model.dropout_rate=0.0", "--config.data.augment=false",
-         "--config.eval.every_epochs=0", "--config.log_every=1", "--config.progress=false"]
+         "--config.evals.verification.every_epochs=0", "--config.log_every=1", "--config.progress=false"]
 
 
 @pytest.mark.slow

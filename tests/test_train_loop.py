@@ -11,7 +11,8 @@ import torch
 from adaface_jax import parallel
 from adaface_jax.models import build_model
 from adaface_jax.train.config_io import load_config
-from adaface_jax.train.loop import apply_init_from, build_backbone, init_state, make_schedule, train
+from adaface_jax.train.loop import apply_init_from, train
+from adaface_jax.train.setup import build_backbone, init_state, make_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def synth16(tmp_path_factory):
 def test_ir18_two_steps_with_validation_checkpoints_and_logs(synth16, tmp_path):
     workdir = str(tmp_path / "run")
     config = _cpu_config(synth16, num_classes=4, global_batch_size=8, epochs=1, progress=False,
-                         eval__batch_size=8, checkpoint__every_steps=1)
+                         evals__verification__batch_size=8, checkpoint__every_steps=1)
     t0 = time.monotonic()
     summary, state = train(config, workdir, devices=jax.devices()[:2])
     elapsed = time.monotonic() - t0
@@ -154,7 +155,7 @@ def test_run_stops_after_consecutive_non_finite_steps_keeping_the_last_good_chec
     config = _cpu_config("", num_classes=8, data__source="random", data__num_images=64, data__image_size=16,
                          model__arch="tiny", model__embedding_size=16, global_batch_size=8, total_steps=10, lr=1e30,
                          max_skipped_in_row=3, log_every=1, checkpoint__every_steps=1, progress=False,
-                         eval__every_epochs=0)
+                         evals__verification__every_epochs=0)
     workdir = str(tmp_path / "nan")
     with pytest.raises(TooManySkippedSteps, match=r"3 consecutive steps had a non-finite loss or gradient \(step 4\)"):
         train(config, workdir, devices=jax.devices()[:1])
@@ -168,7 +169,7 @@ def test_run_stops_after_consecutive_non_finite_steps_keeping_the_last_good_chec
 
 def test_init_from_our_own_workdir_keeps_backbone_and_resizes_head(tmp_path):
     common = dict(data__source="random", data__num_images=32, data__image_size=16, model__arch="tiny",
-                  model__embedding_size=16, global_batch_size=8, progress=False, eval__every_epochs=0)
+                  model__embedding_size=16, global_batch_size=8, progress=False, evals__verification__every_epochs=0)
     src = str(tmp_path / "src")
     _, trained = train(_cpu_config("", num_classes=6, total_steps=2, **common), src, devices=jax.devices()[:2])
 
@@ -218,7 +219,7 @@ def test_training_helps_on_held_out_identities(tmp_path):
     config = apply_overrides(load_config(os.path.join(REPO, "configs", "quickstart_cpu.py")), {
         "num_classes": "40", "data.data_dir": str(data), "model.width": "8", "global_batch_size": "32",
         "epochs": "5", "lr_milestones": "4,", "model.dropout_rate": "0.0", "data.augment": "false",
-        "eval.every_epochs": "5", "eval.batch_size": "100", "log_every": "1", "progress": "false",
+        "evals.verification.every_epochs": "5", "evals.verification.batch_size": "100", "log_every": "1", "progress": "false",
         "sample_grid": "false", "checkpoint.every_steps": "1000"})
     devices = jax.devices()[:1]
     module = build_model("ir_18", width=8)

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaface_jax import parallel
+from adaface_jax.train.loop import read_data_manifest, validate_config
+from adaface_jax.train.setup import build_trainer, precision
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -88,7 +90,6 @@ def class_count(config) -> tuple[int, str]:
     """(classes, where from): the manifest's count when ``config.data.data_dir`` exists, else the config's."""
     d = config.data.get("data_dir", "")
     if config.data.source == "tfrecord" and d and os.path.isdir(d):
-        from adaface_jax.train.loop import read_data_manifest  # noqa: PLC0415
         manifest = read_data_manifest(config)
         return int(manifest["num_classes"]), f"manifest of {d}"
     return int(config.num_classes), "config.num_classes"
@@ -97,9 +98,6 @@ def class_count(config) -> tuple[int, str]:
 def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict:
     """Compile the step for ``config`` on ``mesh`` (default: every device) without allocating the state;
     returns the numbers ``format_plan`` prints."""
-    from adaface_jax.train.loop import validate_config  # noqa: PLC0415
-    from adaface_jax.train.setup import build_trainer, precision  # noqa: PLC0415
-
     mesh = mesh if mesh is not None else parallel.make_mesh()
     n = mesh.devices.size
     num_classes, source = class_count(config)

@@ -16,15 +16,23 @@ import time
 from typing import Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from adaface_jax import heads, parallel
 from adaface_jax.checkpoint import Checkpointer, load_weights
 from adaface_jax.errors import ConfigError, InputError  # noqa: F401  (ConfigError: re-exported)
+from adaface_jax.features import extract_features
 from adaface_jax.models import MODEL_NAMES
-from adaface_jax.train.setup import build_backbone, build_trainer, init_state, make_schedule  # noqa: F401
+from adaface_jax.train.setup import build_trainer
 from adaface_jax.train.state import TrainState
+from data_pipeline.bin_reader import load_bin
+from data_pipeline.input import (TrainInputConfig, effective_streams, hide_gpus_from_tf, make_train_iterator,
+                                 save_augmentation_grid)
+from data_pipeline.input import steps_per_epoch as pipeline_spe
+from data_pipeline.manifest import read_manifest
+from evaluation.evaluators import VerificationEvaluator
 
 log = logging.getLogger("adaface_jax.train")
 
@@ -46,7 +54,6 @@ def read_data_manifest(config) -> Optional[dict]:
     data_dir = config.data.data_dir
     if not data_dir or not os.path.isdir(data_dir):
         raise ConfigError(f"config.data.data_dir={data_dir!r}: directory not found")
-    from data_pipeline.manifest import read_manifest  # noqa: PLC0415
     try:
         return read_manifest(data_dir)
     except FileNotFoundError as e:
@@ -83,7 +90,6 @@ def steps_per_epoch(config, manifest: Optional[dict]) -> int:
     """Full global batches per epoch (the input pipeline's count; random source: num_images // batch)."""
     if manifest is None:
         return max(1, int(config.data.num_images) // config.global_batch_size)
-    from data_pipeline.input import steps_per_epoch as pipeline_spe  # noqa: PLC0415
     try:
         return int(pipeline_spe(input_config(config), manifest))
     except ValueError as e:
@@ -91,11 +97,6 @@ def steps_per_epoch(config, manifest: Optional[dict]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- model
-
-def head_kwargs(config) -> dict:
-    """The head function's parameters from ``config.head`` (see ``heads.head_params``)."""
-    return heads.head_params(config.head)
-
 
 def load_init_from(path: str) -> tuple[dict, dict, Optional[dict]]:
     """--init-from: (backbone params, batch_stats, head dict or None) as numpy, from anything
@@ -150,7 +151,6 @@ def random_batches(config, start_step: int, local_batch: int) -> Iterator[dict]:
 
 
 def input_config(config):
-    from data_pipeline.input import TrainInputConfig  # noqa: PLC0415
     d = config.data
     return TrainInputConfig(data_dir=d.data_dir, global_batch_size=config.global_batch_size, seed=config.seed,
                             process_index=jax.process_index(), process_count=jax.process_count(),
@@ -162,7 +162,6 @@ def input_config(config):
 def data_layout(config) -> dict:
     """What fixes the sequence of global batches (recorded in every checkpoint): the same values on any topology
     reproduce the same batches; ``streams`` = gcd(data.num_streams, global_batch_size) for the tfrecord source."""
-    from data_pipeline.input import effective_streams  # noqa: PLC0415
     streams = (effective_streams(int(config.data.get("num_streams", 64)), config.global_batch_size)
                if config.data.source == "tfrecord" else 0)
     return {"source": config.data.source, "global_batch_size": int(config.global_batch_size),
@@ -207,7 +206,6 @@ def make_input(config, start_step: int) -> Iterator[dict]:
     if config.data.source == "random":
         return random_batches(config, start_step, local_batch)
     check_data_layout(config)
-    from data_pipeline.input import hide_gpus_from_tf, make_train_iterator  # noqa: PLC0415
     hide_gpus_from_tf()
     return make_train_iterator(input_config(config), start_step=start_step)
 
@@ -215,8 +213,11 @@ def make_input(config, start_step: int) -> Iterator[dict]:
 # ----------------------------------------------------------------------------------------- validation
 
 def find_val_sets(config) -> dict[str, str]:
-    names = list(config.eval.sets)
-    roots = [r for r in (config.eval.bin_dir, config.data.data_dir) if r]
+    """The .bin files of ``config.evals.verification``: ``sets`` (all when empty) found in ``bin_dir`` and
+    the data directory."""
+    spec = config.evals.verification
+    names = list(spec.sets)
+    roots = [r for r in (spec.bin_dir, config.data.data_dir) if r]
     found = {}
     for root in roots:
         for p in sorted(glob.glob(os.path.join(root, "*.bin"))):
@@ -226,39 +227,67 @@ def find_val_sets(config) -> dict[str, str]:
     return found
 
 
-def validate(model_eval, state: TrainState, val_sets: dict[str, tuple], mesh, batch_size: int) -> dict:
-    """Flip-test verification accuracy on each loaded .bin set and their mean.
+def build_evaluators(config) -> dict:
+    """``config.evals`` -> ``{name: (evaluator, spec)}``, built once before training (the .bin sets are read
+    now, so a bad one fails before the first step). Today: ``verification`` (the .bin pair sets)."""
+    unknown = sorted(set(config.evals) - {"verification"})
+    if unknown:
+        raise ConfigError(f"config.evals.{unknown[0]}: unknown evaluator; expected 'verification'")
+    spec = config.evals.verification
+    if spec.every_epochs <= 0:
+        return {}
+    sets = {}
+    for name, path in find_val_sets(config).items():
+        images, issame = load_bin(path)
+        if spec.max_pairs:
+            images, issame = images[: 2 * spec.max_pairs], issame[: spec.max_pairs]
+        sets[name] = (images, np.asarray(issame, bool))
+    log.info("validation sets: %s", sorted(sets) or "none found")
+    return {"verification": (VerificationEvaluator(sets), spec)} if sets else {}
 
-    With several processes each process embeds its contiguous block of every set's images (padded to equal
-    blocks with copies of the last image) on its own devices, the features are gathered
-    (``multihost_utils.process_allgather``) and every process scores the whole set: the same accuracies as
-    one process, for 1/P of the embedding work each."""
-    from adaface_jax.features import extract_features  # noqa: PLC0415
-    from evaluation.verification import evaluate  # noqa: PLC0415
+
+def make_embed_fn(model_eval, state: TrainState, mesh, batch_size: int, flip_test: bool = True):
+    """``embed_fn(images) -> (features, norms)`` of the state's backbone, for the evaluators.
+
+    With several processes each process embeds its contiguous block of the images (padded to equal
+    blocks with copies of the last image) on its own devices and the features are gathered
+    (``multihost_utils.process_allgather``): every process gets all of them, for 1/P of the work."""
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
     nproc, pid = jax.process_count(), jax.process_index()
     if nproc > 1:
         # Backbone variables are replicated: each process embeds its share on its own devices.
         variables = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), variables)
         mesh = parallel.make_mesh(jax.local_devices())
-    out = {}
-    for name, (images, issame) in val_sets.items():
-        if nproc > 1:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
-            n = len(images)
-            per = -(-n // nproc)
-            rows = np.minimum(np.arange(pid * per, (pid + 1) * per), n - 1)  # the last block padded with image n-1
-            part, _ = extract_features(model_eval, variables, np.asarray(images)[rows], batch_size=batch_size,
-                                       flip_test=True, mesh=mesh, progress=False)
-            feats = np.asarray(multihost_utils.process_allgather(part)).reshape(nproc * per, -1)[:n]
-        else:
-            feats, _ = extract_features(model_eval, variables, images, batch_size=batch_size, flip_test=True,
-                                        mesh=mesh, progress=False)
-        _, _, acc, _ = evaluate(feats, issame, nrof_folds=10)
-        out[f"val/{name}_acc"] = float(np.mean(acc))
+
+    def embed_fn(images):
+        if nproc == 1:
+            return extract_features(model_eval, variables, images, batch_size=batch_size, flip_test=flip_test,
+                                    mesh=mesh, progress=False)
+        n = len(images)
+        per = -(-n // nproc)
+        rows = np.minimum(np.arange(pid * per, (pid + 1) * per), n - 1)  # the last block padded with image n-1
+        feats, norms = extract_features(model_eval, variables, np.asarray(images)[rows], batch_size=batch_size,
+                                        flip_test=flip_test, mesh=mesh, progress=False)
+        gathered = multihost_utils.process_allgather({"f": feats, "n": norms})
+        return (np.asarray(gathered["f"]).reshape(nproc * per, -1)[:n],
+                np.asarray(gathered["n"]).reshape(nproc * per, -1)[:n])
+
+    return embed_fn
+
+
+def verification_metrics(metrics: dict) -> dict:
+    """A VerificationEvaluator's metrics as the loop logs them: ``val/<set>_acc`` and ``val/mean_acc``."""
+    out = {f"val/{name}_acc": float(res["accuracy"]) for name, res in metrics["sets"].items()}
     if out:
-        out["val/mean_acc"] = float(np.mean(list(out.values())))
+        out["val/mean_acc"] = float(metrics["mean_accuracy"])
     return out
+
+
+def validate(model_eval, state: TrainState, val_sets: dict[str, tuple], mesh, batch_size: int) -> dict:
+    """Flip-test verification accuracy on each loaded .bin set and their mean (the loop's
+    ``VerificationEvaluator`` over ``make_embed_fn``; the same accuracies under any number of processes)."""
+    evaluator = VerificationEvaluator(val_sets)
+    return verification_metrics(evaluator.run(make_embed_fn(model_eval, state, mesh, batch_size)))
 
 
 # ---------------------------------------------------------------------------------------------- logs
@@ -358,23 +387,13 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
             "padded_classes": padded, "steps_per_epoch": spe, "config": json.loads(config.to_json()),
             "data_layout": data_layout(config), "topology": {"processes": jax.process_count(), "devices": ndev}}
     metrics_log = MetricsLog(workdir)
-    val_sets = {}
-    if config.eval.every_epochs > 0:
-        from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
-        for name, p in find_val_sets(config).items():
-            imgs, issame = load_bin(p)
-            if config.eval.max_pairs:
-                imgs, issame = imgs[: 2 * config.eval.max_pairs], issame[: config.eval.max_pairs]
-            val_sets[name] = (imgs, np.asarray(issame, bool))
-        log.info("validation sets: %s", sorted(val_sets) or "none found")
+    evaluators = build_evaluators(config)
     model_eval = trainer.eval_model  # eval: running statistics, no groups
 
     start = int(jax.device_get(state.step))
     if start == 0 and config.sample_grid and config.data.source == "tfrecord" and jax.process_index() == 0:
-        from data_pipeline.input import save_augmentation_grid  # noqa: PLC0415
         save_augmentation_grid(config.data.data_dir, os.path.join(workdir, "training_samples.png"))
     batches = make_input(config, start)
-    from tqdm.auto import tqdm  # noqa: PLC0415
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0 or not config.progress)
     summary = {"stop_reason": "done"}
@@ -425,8 +444,11 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
             if config.debug_step_delay_s:
                 time.sleep(config.debug_step_delay_s)
             epoch = (step - 1) // spe
-            if epoch_end and config.eval.every_epochs > 0 and val_sets and (epoch + 1) % config.eval.every_epochs == 0:
-                val = validate(model_eval, state, val_sets, mesh, config.eval.batch_size)
+            due = {name: (ev, spec) for name, (ev, spec) in evaluators.items()
+                   if epoch_end and (epoch + 1) % spec.every_epochs == 0}
+            if "verification" in due:
+                evaluator, spec = due["verification"]
+                val = verification_metrics(evaluator.run(make_embed_fn(model_eval, state, mesh, spec.batch_size)))
                 metrics_log.write(step, val)
                 last.update(val)
                 log.info("step %d epoch %d: %s", step, epoch, val)

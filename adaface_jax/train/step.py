@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaface_jax import heads
+from adaface_jax import heads, parallel
 from adaface_jax.train import loss_scale as ls
 from adaface_jax.train import partial_fc
 
@@ -102,7 +102,6 @@ def make_loss_fn(model, cfg: StepConfig):
     if cfg.sample_rate < 1.0:
         mesh = cfg.mesh if cfg.mesh is not None else getattr(cfg.embedding_sharding, "mesh", None)
         if mesh is None:
-            from adaface_jax import parallel  # noqa: PLC0415
             mesh = parallel.make_mesh(jax.devices()[:1])
 
     def loss_fn(params, batch_stats, head_state, images, labels, dropout_rng):
