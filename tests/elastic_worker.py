@@ -63,6 +63,7 @@ def main():
     from jax.experimental import multihost_utils  # noqa: E402
 
     from adaface_jax.train import loop  # noqa: E402
+    from adaface_jax.train.setup import build_backbone  # noqa: E402
 
     def gather_batches(config):
         mesh = parallel.make_mesh()
@@ -104,7 +105,7 @@ def main():
         recorded_train(a, os.path.join(out, "run_a"), "a")
         b = elastic_config(data_dir, total_steps=TOTAL, eval_every=1)
         summary, state = recorded_train(b, os.path.join(out, "run_b"), "b")
-        trainer_model = loop.build_backbone(b, 1)  # the eval-mode module (build_trainer's eval_model)
+        trainer_model = build_backbone(b, 1)  # the eval-mode module (build_trainer's eval_model)
         from data_pipeline.bin_reader import load_bin  # noqa: E402
         images, issame = load_bin(os.path.join(data_dir, "tiny_val.bin"))
         val = loop.validate(trainer_model, state, {"tiny_val": (images, np.asarray(issame, bool))},
