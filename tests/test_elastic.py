@@ -7,12 +7,8 @@ uninterrupted train(), validation) and one 4 x 1 launch (batches); 1 x 4 runs in
 """
 import os
 import shutil
-import socket
 import struct
-import subprocess
 import sys
-import tempfile
-import time
 
 import jax
 import numpy as np
@@ -20,11 +16,10 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import multiprocess  # noqa: E402
 from elastic_worker import BATCH, STEPS, STOP_AT, TOTAL, elastic_config  # noqa: E402
 
 TIMEOUT_S = 420  # processes start, compile and talk over gloo on 2 shared cores
-PORT_TAKEN = ("address already in use", "failed to add port", "could not bind", "failed to bind", "errno 98")
-ATTEMPTS = 3
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -41,59 +36,11 @@ def elastic_data(tmp_path_factory):
     return str(d)
 
 
-def _reserve_port(hold: bool):
-    """(socket or None, port): port 0 bound by the OS. With ``hold`` the socket stays bound (SO_REUSEPORT, not
-    listening) until the workers end, so no other program takes the port meanwhile; gRPC binds with
-    SO_REUSEPORT too. Without it the port is released first (the fallback if that bind is refused)."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hold and hasattr(socket, "SO_REUSEPORT"):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-    if not hold:
-        s.close()
-        return None, port
-    return s, port
-
-
-def _run_once(nproc, ndev, data_dir, out, mode, hold):
-    sock, port = _reserve_port(hold)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    logs = [tempfile.TemporaryFile("w+") for _ in range(nproc)]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "elastic_worker.py"), str(pid), str(nproc),
-                               str(port), str(ndev), data_dir, out, mode], env=env, stdout=logs[pid],
-                              stderr=subprocess.STDOUT, text=True) for pid in range(nproc)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break  # a failed process leaves its peers waiting for it: stop them
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        if sock is not None:
-            sock.close()
-    texts = []
-    for f in logs:
-        f.seek(0)
-        texts.append(f.read())
-        f.close()
-    return [p.returncode for p in procs], texts
-
-
 def run_workers(nproc, ndev, data_dir, out, mode):
-    """All workers to completion, retried on a fresh port when (and only when) the coordinator port was taken."""
-    for attempt in range(ATTEMPTS):
-        codes, logs = _run_once(nproc, ndev, data_dir, out, mode, hold=attempt == 0)
-        failed = any(c != 0 for c in codes)
-        if not (failed and any(k in log.lower() for log in logs for k in PORT_TAKEN)) or attempt == ATTEMPTS - 1:
-            break
-    for pid, (code, log) in enumerate(zip(codes, logs)):
-        assert code == 0, f"{nproc}x{ndev} process {pid} (rc {code}): {log[-3000:]}"
+    """tests/elastic_worker.py as ``nproc`` processes of ``ndev`` devices each."""
+    multiprocess.run_workers("elastic_worker.py", nproc,
+                             lambda pid, port: [pid, nproc, port, ndev, data_dir, out, mode], f"{nproc}x{ndev}",
+                             timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

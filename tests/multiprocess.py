@@ -1,0 +1,72 @@
+"""Run a test worker script as several JAX processes on localhost (gloo collectives on CPU): the
+coordinator port, retries when another program took it, and stopping the peers of a failed process."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT_S = 240  # generous: JAX processes start, compile and talk over gloo on 2 shared cores
+# Failures that mean the coordinator port was taken by someone else (and only those) are retried.
+PORT_TAKEN = ("address already in use", "failed to add port", "could not bind", "failed to bind", "errno 98")
+ATTEMPTS = 3
+
+
+def _reserve_port(hold: bool):
+    """(socket or None, port): port 0 bound by the OS. With ``hold`` the socket stays bound (SO_REUSEPORT, not
+    listening) until the workers end, so no other program takes the port meanwhile; gRPC binds with
+    SO_REUSEPORT too. Without it the port is released first (the fallback if that bind is refused)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hold and hasattr(socket, "SO_REUSEPORT"):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+    if not hold:
+        s.close()
+        return None, port
+    return s, port
+
+
+def _run_once(script, nproc, argv, hold, timeout_s):
+    sock, port = _reserve_port(hold)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    logs = [tempfile.TemporaryFile("w+") for _ in range(nproc)]
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, script)] + [str(a) for a in argv(pid, port)],
+                              env=env, stdout=logs[pid], stderr=subprocess.STDOUT, text=True)
+             for pid in range(nproc)]
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break  # a failed process leaves its peers waiting for it: stop them
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        if sock is not None:
+            sock.close()
+    texts = []
+    for f in logs:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    return [p.returncode for p in procs], texts
+
+
+def run_workers(script: str, nproc: int, argv, what: str, timeout_s: int = TIMEOUT_S) -> None:
+    """``tests/<script>`` as ``nproc`` processes, ``argv(pid, port)`` giving each its arguments; asserts that
+    all exit 0 (naming ``what`` and the failing process's log)."""
+    for attempt in range(ATTEMPTS):
+        codes, logs = _run_once(script, nproc, argv, hold=attempt == 0, timeout_s=timeout_s)
+        failed = any(c != 0 for c in codes)
+        if not (failed and any(k in log.lower() for log in logs for k in PORT_TAKEN)) or attempt == ATTEMPTS - 1:
+            break
+    for pid, (code, log) in enumerate(zip(codes, logs)):
+        assert code == 0, f"{what} process {pid} (rc {code}): {log[-3000:]}"
