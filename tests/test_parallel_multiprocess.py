@@ -1,13 +1,10 @@
 """2 processes x 4 CPU devices (gloo collectives, localhost) == 1 process x 8 devices."""
-import os
-
 import jax
 import numpy as np
 import pytest
 
 import multiprocess
 from train_fixtures import run_sharded
-
 
 
 @pytest.mark.slow
