@@ -16,7 +16,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import multiprocess  # noqa: E402
+import process_group  # noqa: E402
 from elastic_worker import BATCH, STEPS, STOP_AT, TOTAL, elastic_config  # noqa: E402
 
 TIMEOUT_S = 420  # processes start, compile and talk over gloo on 2 shared cores
@@ -38,7 +38,7 @@ def elastic_data(tmp_path_factory):
 
 def run_workers(nproc, ndev, data_dir, out, mode):
     """tests/elastic_worker.py as ``nproc`` processes of ``ndev`` devices each."""
-    multiprocess.run_workers("elastic_worker.py", nproc,
+    process_group.run_workers("elastic_worker.py", nproc,
                              lambda pid, port: [pid, nproc, port, ndev, data_dir, out, mode], f"{nproc}x{ndev}",
                              timeout_s=TIMEOUT_S)
 

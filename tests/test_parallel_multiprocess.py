@@ -3,14 +3,14 @@ import jax
 import numpy as np
 import pytest
 
-import multiprocess
+import process_group
 from train_fixtures import run_sharded
 
 
 @pytest.mark.slow
 def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
     out = str(tmp_path / "two_proc.npz")
-    multiprocess.run_workers("parallel_worker.py", 2, lambda pid, port: [pid, 2, port, 4, out], "2x4")
+    process_group.run_workers("parallel_worker.py", 2, lambda pid, port: [pid, 2, port, 4, out], "2x4")
 
     items, metrics = run_sharded(jax.devices(), num_classes=20, steps=2)  # this process: 8 devices
     want = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(items)}
