@@ -167,6 +167,10 @@ def test_outputs_are_checked_before_the_work(files, tmp_path, capsys):
 def test_train_bad_config_file_and_fields(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path / "w")]) == 1
     one_error_line(capsys, "train", "nope.py", "file not found")
+    text = tmp_path / "recipe.txt"
+    text.write_text("not python\n")
+    assert main(["train", "--config", str(text), "--workdir", str(tmp_path / "w")]) == 1
+    one_error_line(capsys, "train", "recipe.txt", "not a Python file")
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config(:\n")
     assert main(["train", "--config", str(broken), "--workdir", str(tmp_path / "w")]) == 1

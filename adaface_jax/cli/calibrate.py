@@ -57,6 +57,8 @@ def run(args) -> int:
     for far in args.far:
         if not 0.0 < far < 1.0:
             raise InputError(f"--far {far}: a false accept rate is in (0, 1)")
+    if not os.path.exists(args.checkpoint):
+        raise InputError(f"--checkpoint {args.checkpoint}: no such file or folder")
     calibration_location(args.checkpoint)  # a model we can store into (fails now if not)
     if args.features:
         feats, issame = _read_features(args.features)

@@ -18,6 +18,8 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     if repo_root not in sys.path:  # recipes import configs.common
         sys.path.insert(0, repo_root)
     spec = importlib.util.spec_from_file_location(f"_adaface_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"--config {path}: not a Python file; expected a configs/*.py recipe defining get_config()")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
