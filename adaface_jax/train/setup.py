@@ -45,10 +45,6 @@ class Trainer:
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _config_error(msg: str):
-    return ConfigError(msg)
-
-
 def precision(config) -> str:
     """The backbone's compute precision: ``config.precision`` ('float32' | 'bfloat16' | 'float16').
 
@@ -61,7 +57,7 @@ def precision(config) -> str:
     if not p:
         return "bfloat16" if half else "float32"
     if p not in PRECISIONS:
-        raise _config_error(f"config.precision={p!r} is unknown; expected one of {sorted(PRECISIONS)}")
+        raise ConfigError(f"config.precision={p!r} is unknown; expected one of {sorted(PRECISIONS)}")
     if p == "bfloat16" and half is False:
         return "float32"
     return p
@@ -77,7 +73,7 @@ def loss_scale_config(config) -> Optional[ls.LossScaleConfig]:
         return None
     cfg = ls.LossScaleConfig.from_config(config)
     if not (cfg.init > 0 and cfg.growth_interval >= 1 and cfg.growth_factor > 1 and 0 < cfg.backoff_factor < 1):
-        raise _config_error(f"config.loss_scale={dataclasses.asdict(cfg)}: expected init > 0, growth_interval >= 1, "
+        raise ConfigError(f"config.loss_scale={dataclasses.asdict(cfg)}: expected init > 0, growth_interval >= 1, "
                             f"growth_factor > 1 and 0 < backoff_factor < 1")
     return cfg
 
@@ -86,7 +82,7 @@ def sample_rate(config) -> float:
     """Partial FC's ``config.head.sample_rate`` (default 1.0: the full softmax), checked."""
     r = float(config.head.get("sample_rate", 1.0))
     if not 0.0 < r <= 1.0:
-        raise _config_error(f"config.head.sample_rate={r}: expected 0 < sample_rate <= 1")
+        raise ConfigError(f"config.head.sample_rate={r}: expected 0 < sample_rate <= 1")
     return r
 
 
