@@ -91,3 +91,21 @@ def logged_steps(workdir):
                 if "train/loss" in r:
                     out.append(int(r["step"]))
     return out
+
+
+def signalled_run(workdir, signum, every_steps, wait_for, what):
+    """Start a long run (random source, no epoch end in sight), send ``signum`` once ``wait_for()`` holds;
+    return (stderr, the last logged step).  Every step is logged before the loop looks at the signal, so
+    the step the run stops at is exactly the last logged one."""
+    proc = start(train_cmd(workdir, 1_000_000, every_steps=every_steps, delay=0.02))
+    try:
+        wait_until(proc, wait_for, what)
+        signal_running(proc, signum)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert f"signal {int(signum)}: saved step" in err
+    return err, logged_steps(workdir)[-1]

@@ -16,6 +16,25 @@ TOTAL = 5      # steps of the uninterrupted run (4 steps per epoch: crosses an e
 BATCH = 8
 
 
+def recording_train(config, workdir, devices=None):
+    """``loop.train`` with every host-local batch it feeds recorded: (rows [(images, labels)], summary, state)."""
+    from adaface_jax.train import loop
+
+    rows, original = [], loop.make_input
+
+    def recording(cfg, start):
+        for batch in original(cfg, start):
+            rows.append((batch["image"].copy(), batch["label"].copy()))
+            yield batch
+
+    loop.make_input = recording
+    try:
+        summary, state = loop.train(config, workdir, devices=devices)
+    finally:
+        loop.make_input = original
+    return rows, summary, state
+
+
 def elastic_config(data_dir, total_steps=TOTAL, eval_every=0):
     """Tiny arch, 16x16 inputs, augmentation on at high probabilities, 8 input streams of 1 row each."""
     from configs.common import get_base_config  # noqa: PLC0415
@@ -80,19 +99,7 @@ def main():
 
 
     def recorded_train(config, workdir, name):
-        rows = []
-        original = loop.make_input
-
-        def recording(cfg, start):
-            for batch in original(cfg, start):
-                rows.append((batch["image"].copy(), batch["label"].copy()))
-                yield batch
-
-        loop.make_input = recording
-        try:
-            summary, state = loop.train(config, workdir)
-        finally:
-            loop.make_input = original
+        rows, summary, state = recording_train(config, workdir)
         np.savez(os.path.join(out, f"rows_{name}_{pid}.npz"), images=np.stack([r[0] for r in rows]),
                  labels=np.stack([r[1] for r in rows]))
         return summary, state

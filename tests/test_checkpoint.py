@@ -10,7 +10,8 @@ import pytest
 
 from adaface_jax import parallel
 from adaface_jax.checkpoint import Checkpointer, restore_items
-from cli_fixtures import checkpoint_steps, logged_steps, signal_running, start, subprocess_env, train_cmd, wait_until
+from cli_fixtures import (checkpoint_steps, logged_steps, signal_running, signalled_run, start, subprocess_env,
+                          train_cmd, wait_until)
 from train_fixtures import E, build_sharded, random_batch
 
 
@@ -100,28 +101,10 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_dataset):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def sigterm_run(workdir, signum, every_steps, wait_for, what):
-    """Start a long run (random source, no epoch end in sight), send ``signum`` once ``wait_for()`` holds;
-    return (stderr, the last logged step).  Every step is logged before the loop looks at the signal, so
-    the step the run stops at is exactly the last logged one."""
-    proc = start(train_cmd(workdir, 1_000_000, every_steps=every_steps, delay=0.02))
-    try:
-        wait_until(proc, wait_for, what)
-        signal_running(proc, signum)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err[-3000:]
-    assert f"signal {int(signum)}: saved step" in err
-    return err, logged_steps(workdir)[-1]
-
-
 @pytest.mark.slow
 def test_sigterm_before_the_first_periodic_checkpoint_saves_the_step_reached(tmp_path):
     run_dir = tmp_path / "term"
-    err, last = sigterm_run(run_dir, signal.SIGTERM, 100_000, lambda: logged_steps(run_dir), "the first log line")
+    err, last = signalled_run(run_dir, signal.SIGTERM, 100_000, lambda: logged_steps(run_dir), "the first log line")
     assert f"saved step {last} and stopping" in err
     assert checkpoint_steps(run_dir) == [last]  # no periodic checkpoint yet: only the one the signal wrote
     step, items = _final_params(run_dir)
@@ -131,7 +114,7 @@ def test_sigterm_before_the_first_periodic_checkpoint_saves_the_step_reached(tmp
 @pytest.mark.slow
 def test_sigterm_after_a_periodic_checkpoint_saves_the_step_reached(tmp_path):
     run_dir = tmp_path / "term3"
-    err, last = sigterm_run(run_dir, signal.SIGTERM, 3, lambda: 3 in checkpoint_steps(run_dir),
+    err, last = signalled_run(run_dir, signal.SIGTERM, 3, lambda: 3 in checkpoint_steps(run_dir),
                             "the checkpoint of step 3")
     assert last >= 3 and f"saved step {last} and stopping" in err
     assert checkpoint_steps(run_dir)[-1] == last  # the step reached, whether or not it is a multiple of 3

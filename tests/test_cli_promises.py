@@ -13,7 +13,7 @@ import torch
 
 import torch_reference
 from adaface_jax.cli import main
-from cli_fixtures import checkpoint_steps, logged_steps, signal_running, start, train_cmd, wait_until
+from cli_fixtures import checkpoint_steps, logged_steps, signalled_run
 from data_fixtures import jpeg, read_tfrecord_examples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,17 +192,7 @@ def test_train_init_from_a_workdir_from_the_command_line(tmp_path):
 
 def test_sigint_saves_the_step_reached_and_exits_cleanly(tmp_path):
     run_dir = tmp_path / "int"
-    proc = start(train_cmd(run_dir, 1_000_000, every_steps=100_000, delay=0.02))
-    try:
-        wait_until(proc, lambda: logged_steps(run_dir), "the first log line")
-        signal_running(proc, signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err[-3000:]
-    last = logged_steps(run_dir)[-1]
+    err, last = signalled_run(run_dir, signal.SIGINT, 100_000, lambda: logged_steps(run_dir), "the first log line")
     assert f"signal {int(signal.SIGINT)}: saved step {last} and stopping" in err
     assert checkpoint_steps(run_dir) == [last]
     assert int(_latest_items(run_dir)["step"]) == last

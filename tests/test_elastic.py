@@ -17,7 +17,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import process_group  # noqa: E402
-from elastic_worker import BATCH, STEPS, STOP_AT, TOTAL, elastic_config  # noqa: E402
+from elastic_worker import BATCH, STEPS, STOP_AT, TOTAL, elastic_config, recording_train  # noqa: E402
 
 TIMEOUT_S = 420  # processes start, compile and talk over gloo on 2 shared cores
 
@@ -48,23 +48,6 @@ def two_by_two(elastic_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("two_by_two"))
     run_workers(2, 2, elastic_data, out, "train")
     return out
-
-
-def _recording_train(config, workdir, devices):
-    from adaface_jax.train import loop
-    rows, original = [], loop.make_input
-
-    def recording(cfg, start):
-        for batch in original(cfg, start):
-            rows.append((batch["image"].copy(), batch["label"].copy()))
-            yield batch
-
-    loop.make_input = recording
-    try:
-        summary, state = loop.train(config, workdir, devices=devices)
-    finally:
-        loop.make_input = original
-    return rows, summary, state
 
 
 def _rows(out, name, nproc):
@@ -188,7 +171,7 @@ def test_2x2_run_resumed_as_1x4_continues_with_the_same_batches(elastic_data, tw
     changed.data.num_streams = 4  # another data order: refused before anything is built
     with pytest.raises(loop.ConfigError, match=r"^config\.data\.num_streams: "):
         loop.train(changed, workdir, devices=jax.devices()[:4])
-    rows, summary, state = _recording_train(elastic_config(elastic_data, total_steps=TOTAL), workdir,
+    rows, summary, state = recording_train(elastic_config(elastic_data, total_steps=TOTAL), workdir,
                                             jax.devices()[:4])
     assert summary["step"] == TOTAL and len(rows) == TOTAL - STOP_AT
     for i, (images, labels) in enumerate(rows):  # steps STOP_AT+1 .. TOTAL: nothing repeated, nothing skipped
