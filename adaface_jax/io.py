@@ -41,6 +41,16 @@ def check_output_dir(path: str, what: str = "output directory") -> str:
 TEMP_SUFFIX = ".tmp"
 
 
+def _process_umask() -> int:
+    """The umask, read once at import (setting it to read it back is not thread-safe later on)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 def temp_pattern(folder: str, name_pattern: str) -> str:
     """glob pattern of the temp files ``atomic_path`` leaves for targets matching ``name_pattern`` in
     ``folder`` (for cleaning up after a killed run)."""
@@ -58,6 +68,8 @@ def atomic_path(path: str, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
+        if os.path.isfile(tmp):  # mkstemp makes it 0600; the file gets what open() would have given it
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
