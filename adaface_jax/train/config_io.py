@@ -11,7 +11,11 @@ from adaface_jax.errors import InputError
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-    """Import ``path`` and call its ``get_config()``."""
+    """Import ``path`` and call its ``get_config()``; ``path:arg`` calls ``get_config("arg")`` (the
+    ml_collections config_flags convention, e.g. ``configs/paper_miniature.py:small``)."""
+    arg = None
+    if not os.path.isfile(path) and ":" in path:
+        path, arg = path.rsplit(":", 1)
     if not os.path.isfile(path):
         raise InputError(f"--config {path}: file not found (expected a configs/*.py recipe)")
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
@@ -27,7 +31,10 @@ def load_config(path: str) -> ml_collections.ConfigDict:
         raise InputError(f"--config {path}: could not be loaded ({type(e).__name__}: {e})") from e
     if not hasattr(module, "get_config"):
         raise InputError(f"--config {path}: defines no get_config()")
-    config = module.get_config()
+    try:
+        config = module.get_config() if arg is None else module.get_config(arg)
+    except (TypeError, ValueError) as e:  # e.g. an unknown setting name
+        raise InputError(f"--config {path}{'' if arg is None else ':' + arg}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise InputError(f"--config {path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
     return config

@@ -98,7 +98,7 @@ def build_backbone(config, num_devices: int = 1, *, groups: Optional[int] = None
     m = config.model
     kwargs = dict(dtype=compute_dtype(config), bn_groups=groups, embedding_size=m.embedding_size)
     if m.arch != "tiny":
-        kwargs.update(dropout_rate=m.dropout_rate, width=m.get("width", 64))
+        kwargs.update(dropout_rate=m.dropout_rate, width=m.get("width", 64), input_size=config.data.image_size)
     return build_model(m.arch, **kwargs)
 
 
