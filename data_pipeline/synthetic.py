@@ -235,3 +235,27 @@ def write_verification_bin(path: str, num_identities: int = 100, num_pairs: int 
     quality_path = os.path.splitext(path)[0] + ".quality.npy"
     save_npy(quality_path, np.asarray(quality, np.float32))
     return {"bin": path, "quality": quality_path, "num_pairs": num_pairs}
+
+
+def render_arrays(identities, images_per_identity: int, seed: int = 0, *, size: int = SIZE,
+                  severity: str = "drawn", first_image: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """In-memory images of ``identities`` (ids as ``render`` takes them) -> (uint8 BGR (N, size, size, 3),
+    int32 labels = position in ``identities``, float32 quality), identity-major.
+
+    severity: 'drawn' (each image draws its own, mostly mild, as the training data) or 'spread' (image k of
+    K gets severity k / (K - 1): every identity covers the whole quality range, for quality-binned tests).
+    Images are ``first_image, first_image + 1, ...`` of each identity; ``size`` != 112 resizes (area)."""
+    if severity not in ("drawn", "spread"):
+        raise ValueError(f"severity={severity!r}: expected 'drawn' or 'spread'")
+    identities = list(identities)
+    k = images_per_identity
+    images = np.empty((len(identities) * k, size, size, 3), np.uint8)
+    labels = np.repeat(np.arange(len(identities), dtype=np.int32), k)
+    quality = np.empty(len(identities) * k, np.float32)
+    for i, identity in enumerate(identities):
+        for j in range(k):
+            d = None if severity == "drawn" else (j / (k - 1) if k > 1 else 0.0)
+            img, q = render(seed, identity, first_image + j, d)
+            images[i * k + j] = img if size == SIZE else cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+            quality[i * k + j] = q
+    return images, labels, quality

@@ -10,23 +10,23 @@ import numpy as np
 from scipy.stats import spearmanr
 
 
-def _pyplot():
+def pyplot():
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
     return plt
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()
 
 
 def plot_roc(curves: dict, title: str = "ROC", log_x: bool = True, xlim=(1e-6, 1.0)) -> bytes:
     """``curves``: label -> (fpr, tpr[, auc]). Log-scale FAR axis as in the IJB plots."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, curve in curves.items():
         fpr, tpr = curve[0], curve[1]
@@ -41,12 +41,12 @@ def plot_roc(curves: dict, title: str = "ROC", log_x: bool = True, xlim=(1e-6, 1
     ax.set_title(title)
     ax.grid(True, which="both", linestyle=":", alpha=0.5)
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_cmc(curves: dict, title: str = "CMC") -> bytes:
     """``curves``: label -> {rank: identification rate}."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, points in curves.items():
         ks = sorted(points)
@@ -56,7 +56,7 @@ def plot_cmc(curves: dict, title: str = "CMC") -> bytes:
     ax.set_title(title)
     ax.grid(True, linestyle=":", alpha=0.5)
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_norm_vs_quality(norms, quality, title: str = "Feature norm vs image quality",
@@ -68,7 +68,7 @@ def plot_norm_vs_quality(norms, quality, title: str = "Feature norm vs image qua
     panel on the left (norm scales of different models are not comparable).
     """
 
-    plt = _pyplot()
+    plt = pyplot()
     quality = np.asarray(quality, float).reshape(-1)
     series = [(np.asarray(norms, float).reshape(-1), label, "tab:blue")]
     if reference is not None:
@@ -87,4 +87,4 @@ def plot_norm_vs_quality(norms, quality, title: str = "Feature norm vs image qua
         ax.grid(True, linestyle=":", alpha=0.5)
         ax.legend(loc="best", fontsize=8)
     fig.suptitle(title)
-    return _png(fig)
+    return figure_png(fig)

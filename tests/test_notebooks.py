@@ -9,8 +9,9 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_three_notebooks_with_outputs_stripped():
-    assert [p.name for p in NOTEBOOKS] == ["01_convert_align_embed.ipynb", "02_train_small.ipynb", "03_evaluate.ipynb"]
+def test_there_are_four_notebooks_with_outputs_stripped():
+    assert [p.name for p in NOTEBOOKS] == ["01_convert_align_embed.ipynb", "02_train_small.ipynb", "03_evaluate.ipynb",
+                                           "04_paper_in_miniature.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:

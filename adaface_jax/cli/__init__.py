@@ -34,6 +34,7 @@ COMMANDS = {
     "compare": "print the similarity matrix of face photos (and same-person decisions once calibrated)",
     "calibrate": "cosine thresholds at target false accept rates from a verification set, stored with the model",
     "quickstart": "synthesize data, train, evaluate and plot on this machine",
+    "miniature": "the paper in miniature: AdaFace vs ArcFace vs CosFace by image quality, on a CPU",
 }
 DEBUG_ENV = "ADAFACE_DEBUG"
 

@@ -1,0 +1,216 @@
+"""Train AdaFace, ArcFace and CosFace on the same batches from the same initialisation, seed by seed, and
+measure each on held-out identities (``evaluation.quality``).
+
+One step is compiled per (dataset, head) with ``train.setup.build_trainer``; every seed re-initialises the
+state and reuses it.  A run's record is written to ``<out>/runs/<dataset>-<head>-seed<k>.json`` as soon as
+it finishes, and a re-run with the same settings skips the runs already recorded (resume after an
+interrupt).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from adaface_jax import parallel
+from adaface_jax.io import write_json
+from adaface_jax.miniature.data import StudyData, load_study_data, make_batch, probe_rows
+from adaface_jax.train.loop import make_embed_fn
+from adaface_jax.train.setup import build_trainer, init_state
+from evaluation.quality import make_quality_pairs, norm_quality_spearman, verification_by_quality
+
+ADAFACE_EPS = 1e-3  # the std denominator's eps in the original's AdaFace head (head.py)
+
+
+class Log:
+    """Progress lines on stdout and appended to ``<out>/study.log``."""
+
+    def __init__(self, out_dir: str, quiet: bool = False):
+        self.path = os.path.join(out_dir, "study.log")
+        self.quiet = quiet
+
+    def __call__(self, message: str):
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        if not self.quiet:
+            print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def run_config(config, data: StudyData, head: str, seed: int):
+    """The training config of one run: the study config with this dataset's classes, head and seed."""
+    c = copy.deepcopy(config)
+    c.num_classes = data.num_classes
+    c.seed = int(seed)
+    c.head.name = head
+    if head == "arcface":
+        c.head.m = float(config.study.arcface_m)
+    elif head == "cosface":
+        c.head.m = float(config.study.cosface_m)
+    steps = int(config.study.steps)
+    c.lr_milestones = tuple(int(round(f * steps)) for f in config.study.lr_milestones)  # in steps (1 step/"epoch")
+    return c
+
+
+def fingerprint(config, data: StudyData) -> str:
+    """Hash of everything a run's result depends on (settings and the data), for resuming."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for a in (data.train_images, data.train_labels, data.train_quality, data.test_images, data.test_labels,
+              data.test_quality):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _probe_fn(model):
+    """Training-mode norms (batch statistics, dropout on) of a probe batch, as the head sees them."""
+
+    @jax.jit
+    def probe(params, batch_stats, images, rng):
+        (_, norm), _ = model.apply({"params": params["backbone"], "batch_stats": batch_stats}, images, train=True,
+                                   mutable=["batch_stats"], rngs={"dropout": rng})
+        return norm[:, 0]
+
+    return probe
+
+
+def adaface_scaler(norms, batch_mean: float, batch_std: float, h: float) -> np.ndarray:
+    """AdaFace's margin scaler clip(h (||z|| - mu) / (sigma + eps), -1, 1) (paper Eq. 6; head.py)."""
+    return np.clip(h * (np.asarray(norms) - batch_mean) / (batch_std + ADAFACE_EPS), -1.0, 1.0)
+
+
+def evaluate_heldout(trainer, state, data: StudyData, pairs, config) -> dict:
+    """Norm-quality Spearman and quality-binned verification on the held-out identities (flip test)."""
+    embed = make_embed_fn(trainer.eval_model, state, trainer.mesh, int(config.study.eval_batch_size))
+    feats, norms = embed(data.test_images)
+    return {"spearman": norm_quality_spearman(norms[:, 0], data.test_quality),
+            "bins": verification_by_quality(feats, pairs, tuple(config.study.far_targets)),
+            "norms": norms[:, 0].astype(float).tolist()}
+
+
+def train_one(trainer, state, probe, data: StudyData, config, seed: int, log, label: str) -> tuple:
+    """Run the study's steps from ``state``; returns (state, record of the training)."""
+    study = config.study
+    steps, batch_size = int(study.steps), int(config.global_batch_size)
+    rows = probe_rows(data.train_quality, int(study.probe_images))
+    probe_images = (data.train_images[rows].astype(np.float32) / 255.0 - 0.5) / 0.5
+    probe_quality = data.train_quality[rows]
+    low = probe_quality <= np.quantile(probe_quality, 1 / 3)
+    high = probe_quality >= np.quantile(probe_quality, 2 / 3)
+    history = {k: [] for k in ("loss", "mean_norm", "batch_mean", "batch_std")}
+    probes = {k: [] for k in ("step", "spearman", "norm_lq", "norm_hq", "scaler_lq", "scaler_hq")}
+    digest = hashlib.sha256()
+    is_adaface = config.head.name == "adaface"
+    t0 = time.perf_counter()
+
+    def record_probe(step):
+        norms = np.asarray(probe(state.params, state.batch_stats, probe_images, jax.random.PRNGKey(10_000 + step)))
+        probes["step"].append(step)
+        probes["spearman"].append(norm_quality_spearman(norms, probe_quality))
+        probes["norm_lq"].append(float(norms[low].mean()))
+        probes["norm_hq"].append(float(norms[high].mean()))
+        if is_adaface:
+            mu, sigma = (float(np.asarray(x).reshape(-1)[0]) for x in (state.head_state.batch_mean,
+                                                                       state.head_state.batch_std))
+            scaler = adaface_scaler(norms, mu, sigma, float(config.head.h))
+            probes["scaler_lq"].append(float(scaler[low].mean()))
+            probes["scaler_hq"].append(float(scaler[high].mean()))
+
+    for step in range(steps):
+        if step % int(study.probe_every) == 0:
+            record_probe(step)
+        batch = make_batch(data, seed, step, batch_size, float(study.flip_prob))
+        digest.update(batch["rows"].astype(np.int64).tobytes())
+        digest.update(batch["flips"].tobytes())
+        state, metrics = trainer.step(state, parallel.host_to_global(
+            {"image": batch["image"], "label": batch["label"]}, trainer.mesh))
+        metrics = jax.device_get(metrics)
+        for k in history:
+            if k in metrics:
+                history[k].append(float(metrics[k]))
+        if not np.isfinite(metrics["loss"]):
+            log(f"{label}: non-finite loss at step {step + 1}")
+        if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
+            dt = time.perf_counter() - t0
+            log(f"{label}: step {step + 1}/{steps} loss {metrics['loss']:.3f} "
+                f"{(step + 1) * batch_size / dt:.0f} img/s, ETA {dt / (step + 1) * (steps - step - 1):.0f} s")
+    record_probe(steps)
+    history = {k: v for k, v in history.items() if v}
+    return state, {"history": history, "probe": {k: v for k, v in probes.items() if v},
+                   "batch_digest": digest.hexdigest(), "train_s": time.perf_counter() - t0}
+
+
+def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool = False) -> dict:
+    """Every (dataset, head, seed) run of ``config.study``; returns {'datasets': {...}, 'runs': [...]}
+    and writes ``<out>/runs/*.json``."""
+    study = config.study
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    log = Log(out_dir, quiet)
+    t_start = time.perf_counter()
+    datasets = load_study_data(config, yale_b_dir)
+    mesh = parallel.make_mesh(jax.local_devices()[:1])  # one device: XLA's threads use every core
+    result = {"datasets": {}, "runs": []}
+    total = len(datasets) * len(study.heads) * len(study.seeds)
+    done = resumed = 0
+    for data in datasets:
+        pairs = make_quality_pairs(data.test_labels, data.test_quality, int(study.num_bins),
+                                   int(study.pairs_per_bin), int(study.pair_seed))
+        result["datasets"][data.name] = {
+            "quality_name": data.quality_name, "train_images": int(data.train_images.shape[0]),
+            "train_identities": data.num_classes, "test_images": int(data.test_images.shape[0]),
+            "test_identities": int(np.unique(data.test_labels).size), "bin_edges": pairs.edges.tolist(),
+            "test_quality": data.test_quality.astype(float).tolist(), "untrained": {}}
+        log(f"{data.name}: {data.train_images.shape[0]} training images of {data.num_classes} identities, "
+            f"{data.test_images.shape[0]} held-out images of {result['datasets'][data.name]['test_identities']}")
+        for head in study.heads:
+            trainer = None
+            for seed in study.seeds:
+                done += 1
+                label = f"[{done}/{total}] {data.name} {head} seed {seed}"
+                cfg = run_config(config, data, head, seed)
+                path = os.path.join(out_dir, "runs", f"{data.name}-{head}-seed{seed}.json")
+                key = fingerprint(cfg, data)
+                if os.path.exists(path):
+                    with open(path, encoding="utf-8") as f:
+                        previous = json.load(f)
+                    if previous.get("fingerprint") == key:
+                        log(f"{label}: recorded earlier, skipped")
+                        resumed += 1
+                        result["runs"].append(previous)
+                        _untrained(result, data.name, seed, previous)
+                        continue
+                if trainer is None:
+                    t = time.perf_counter()
+                    trainer = build_trainer(cfg, mesh, steps_per_epoch=1)
+                    probe = _probe_fn(trainer.model)
+                    state = trainer.state
+                    log(f"{data.name} {head}: trainer built in {time.perf_counter() - t:.1f} s")
+                else:  # a fresh state for this seed; the optimizer object is the compiled step's (same schedule)
+                    state, _ = init_state(cfg, trainer.model, trainer.mesh, trainer.schedule, trainer.padded_classes)
+                    state = state.replace(tx=trainer.state.tx)
+                untrained = evaluate_heldout(trainer, state, data, pairs, cfg)
+                state, record = train_one(trainer, state, probe, data, cfg, seed, log, label)
+                record.update(dataset=data.name, head=head, seed=int(seed), fingerprint=key,
+                              untrained_spearman=untrained["spearman"], **evaluate_heldout(trainer, state, data,
+                                                                                          pairs, cfg))
+                write_json(path, record)
+                result["runs"].append(record)
+                _untrained(result, data.name, seed, record)
+                lq, hq = record["bins"][0]["accuracy"], record["bins"][-1]["accuracy"]
+                log(f"{label}: held-out Spearman(norm, quality) {record['spearman']:+.3f} "
+                    f"(untrained {untrained['spearman']:+.3f}), accuracy LQ {lq:.3f} HQ {hq:.3f}, "
+                    f"{record['train_s']:.0f} s")
+    result["runtime_s"] = time.perf_counter() - t_start  # this invocation (recorded runs are not re-run)
+    result["resumed_runs"] = resumed
+    result["config"] = config.to_dict()
+    write_json(os.path.join(out_dir, "study.json"), result, default=str)
+    log(f"study finished in {result['runtime_s'] / 60:.1f} min")
+    return result
+
+
+def _untrained(result, dataset: str, seed: int, record: dict):
+    result["datasets"][dataset]["untrained"][str(seed)] = record["untrained_spearman"]
