@@ -258,6 +258,12 @@ def _cli(*args, timeout=600):
     (["--yale-b", "/nonexistent/yale"], "--yale-b /nonexistent/yale: not a folder"),
     (["--config", "configs/quickstart_cpu.py"], "has no 'study' section"),
     (["--config.study.datasets=imagenet"], "unknown dataset 'imagenet'"),
+    (["--config.study.steps=0"], "config.study.steps=0: expected a positive integer"),
+    (["--config.study.probe_every=0"], "config.study.probe_every=0: expected a positive integer"),
+    (["--config.study.heads=adaface,sphereface"], "config.study.heads="),
+    (["--config.study.seeds=1,1"], "config.study.seeds=(1, 1): expected distinct"),
+    (["--config.study.pairs_per_bin=7"], "pairs_per_bin=7: expected an even number"),
+    (["--config.study.steps=ten"], "--config.study.steps='ten': expected int"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, match):
     res = _cli("--out", str(tmp_path / "out"), *args, timeout=120)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from adaface_jax import parallel
+from adaface_jax.errors import ConfigError
 from adaface_jax.io import write_json
 from adaface_jax.miniature.data import StudyData, load_study_data, make_batch, probe_rows
 from adaface_jax.train.loop import make_embed_fn
@@ -40,6 +41,37 @@ class Log:
             print(line, flush=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+
+
+def check_study(config) -> None:
+    """Refuse, in one line naming the field, study settings that would fail or mislead after the data load."""
+    s = config.study
+    known = ("adaface", "arcface", "cosface")
+
+    def need(ok, field, expected):
+        if not ok:
+            raise ConfigError(f"config.study.{field}={s[field]!r}: expected {expected}")
+
+    need(len(s.heads) > 0 and len(set(s.heads)) == len(s.heads) and set(s.heads) <= set(known), "heads",
+         f"distinct names from {known}")
+    need(len(s.seeds) > 0 and len(set(s.seeds)) == len(s.seeds) and all(int(x) >= 0 for x in s.seeds), "seeds",
+         "distinct non-negative integers")
+    for field in ("steps", "probe_every", "eval_batch_size", "num_bins"):
+        need(int(s[field]) >= 1, field, "a positive integer")
+    need(int(s.probe_images) >= 3, "probe_images", "at least 3 (low, middle and high quality)")
+    need(int(s.pairs_per_bin) >= 20 and int(s.pairs_per_bin) % 2 == 0, "pairs_per_bin", "an even number >= 20")
+    need(all(0.0 < float(f) <= 1.0 for f in s.lr_milestones), "lr_milestones", "fractions of the steps in (0, 1]")
+    need(all(0.0 < float(f) < 1.0 for f in s.far_targets) and len(s.far_targets) > 0, "far_targets",
+         "false accept rates in (0, 1)")
+    need(0.0 <= float(s.flip_prob) <= 1.0, "flip_prob", "a probability in [0, 1]")
+    for field in ("arcface_m", "cosface_m"):
+        need(float(s[field]) >= 0.0, field, "a margin >= 0")
+    for field in ("synthetic_train_identities", "synthetic_test_identities", "synthetic_images_per_identity",
+                  "synthetic_test_images_per_identity"):
+        need(int(s[field]) >= 2, field, "at least 2")
+    if int(config.global_batch_size) < 2:
+        raise ConfigError(f"config.global_batch_size={config.global_batch_size}: expected at least 2 (AdaFace's "
+                          "batch statistics)")
 
 
 def run_config(config, data: StudyData, head: str, seed: int):
@@ -148,6 +180,7 @@ def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool =
     """Every (dataset, head, seed) run of ``config.study``; returns {'datasets': {...}, 'runs': [...]}
     and writes ``<out>/runs/*.json``."""
     study = config.study
+    check_study(config)
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     log = Log(out_dir, quiet)
     t_start = time.perf_counter()
