@@ -108,3 +108,15 @@ def test_cli_reports_bad_configuration_before_compiling(tmp_path, capsys):
                "--config.nope=1"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("adaface-jax train: error: --config.nope") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("field,value,match", [("arch", "ir_77", "unknown arch 'ir_77'"),
+                                               ("width", 10, "width must be a positive multiple of 4, got 10")])
+def test_bad_model_config_is_a_config_error_before_tracing(field, value, match):
+    from adaface_jax.train.setup import build_backbone
+    from configs.common import get_base_config
+
+    config = get_base_config(arch="ir_18", num_classes=4)
+    config.model[field] = value
+    with pytest.raises(ConfigError, match=match):
+        build_backbone(config)

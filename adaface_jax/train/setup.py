@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from adaface_jax import parallel
 from adaface_jax.errors import ConfigError
-from adaface_jax.models import build_model
+from adaface_jax.models import build_model, unit_strides
 from adaface_jax.train import loss_scale as ls
 from adaface_jax.train import optimizer as optim
 from adaface_jax.train.state import TrainState, create_train_state, init_variables
@@ -99,7 +99,13 @@ def build_backbone(config, num_devices: int = 1, *, groups: Optional[int] = None
     kwargs = dict(dtype=compute_dtype(config), bn_groups=groups, embedding_size=m.embedding_size)
     if m.arch != "tiny":
         kwargs.update(dropout_rate=m.dropout_rate, width=m.get("width", 64), input_size=config.data.image_size)
-    return build_model(m.arch, **kwargs)
+    try:
+        model = build_model(m.arch, **kwargs)
+        if m.arch != "tiny":
+            unit_strides(model.num_layers, model.width)  # checks the width now rather than in the first trace
+        return model
+    except ValueError as e:  # an unknown arch, a width that is not a multiple of 4, ...
+        raise ConfigError(f"config.model (arch={m.arch!r}, width={m.get('width', 64)}): {e}") from e
 
 
 def make_schedule(config, steps_per_epoch: int):
