@@ -45,6 +45,7 @@ def get_config(setting: str = "full"):
     s.flip_prob = 0.5
     # synthetic identities: training ids with drawn (mostly mild) degradations; held-out ids with
     # severities spread evenly over [0, 1]
+    s.synthetic_train_severity = "drawn"  # 'spread': training severities spread over [0, 1] too (more low quality)
     s.synthetic_train_identities = 100
     s.synthetic_images_per_identity = 16
     s.synthetic_test_identities = 40

@@ -187,6 +187,23 @@ def test_render_arrays_matches_render_and_spreads_severity():
     np.testing.assert_allclose(q2, [synthetic.render(0, 3, j)[1] for j in range(4)])
 
 
+def test_synthetic_study_data_holds_out_identities_and_spreads_test_quality():
+    import ml_collections
+
+    study = ml_collections.ConfigDict(dict(synthetic_train_identities=3, synthetic_images_per_identity=5,
+                                           synthetic_test_identities=2, synthetic_test_images_per_identity=5,
+                                           synthetic_train_severity="spread"))
+    d = study_data.synthetic_data(study, 24)
+    assert d.train_images.shape == (15, 24, 24, 3) and d.num_classes == 3 and d.test_images.shape[0] == 10
+    np.testing.assert_allclose(d.train_quality, np.tile([1, 0.75, 0.5, 0.25, 0], 3), atol=1e-6)
+    np.testing.assert_allclose(d.test_quality, np.tile([1, 0.75, 0.5, 0.25, 0], 2), atol=1e-6)
+    held_out = synthetic.render(0, synthetic.HELD_OUT_OFFSET + 1, 0, 0.0)[0]  # test identity 1, image 0
+    np.testing.assert_array_equal(d.test_images[5], cv2.resize(held_out, (24, 24), interpolation=cv2.INTER_AREA))
+    study.synthetic_train_severity = "drawn"
+    drawn = study_data.synthetic_data(study, 24).train_quality
+    np.testing.assert_allclose(drawn, [synthetic.render(0, i, j)[1] for i in range(3) for j in range(5)])
+
+
 def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
     n, b = 50, 8  # 6 batches per epoch, the last 2 rows of each permutation dropped
     epoch0 = np.concatenate([study_data.batch_rows(1, s, n, b) for s in range(6)])
@@ -264,6 +281,7 @@ def _cli(*args, timeout=600):
     (["--config.study.seeds=1,1"], "config.study.seeds=(1, 1): expected distinct"),
     (["--config.study.pairs_per_bin=7"], "pairs_per_bin=7: expected an even number"),
     (["--config.study.steps=ten"], "--config.study.steps='ten': expected int"),
+    (["--config.study.synthetic_train_severity=heavy"], "expected 'drawn' or 'spread'"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, match):
     res = _cli("--out", str(tmp_path / "out"), *args, timeout=120)
@@ -289,5 +307,9 @@ def test_command_runs_records_and_resumes(tmp_path):
         assert (out / name).stat().st_size > 0
     again = _cli(*args)
     assert again.returncode == 0 and again.stdout.count("recorded earlier, skipped") == 2, again.stdout
+    more_seeds = _cli(*[a if a != "--config.study.seeds=0" else "--config.study.seeds=0,1" for a in args])
+    assert more_seeds.returncode == 0, more_seeds.stderr[-2000:]  # a report over read and new records
+    assert more_seeds.stdout.count("recorded earlier, skipped") == 2 and "2 runs trained" in more_seeds.stdout
+    assert len(json.loads((out / "study.json").read_text())["runs"]) == 4
     changed = _cli(*args[:-1], "--config.study.steps=3")  # other settings: not the recorded runs
     assert changed.returncode == 0 and "skipped" not in changed.stdout

@@ -30,10 +30,11 @@ class StudyData:
 
 
 def synthetic_data(study, image_size: int) -> StudyData:
-    """Training identities 0..N-1 as the training data is rendered (drawn severities); held-out identities
-    from ``synthetic.HELD_OUT_OFFSET`` with severities spread evenly over [0, 1]."""
+    """Training identities 0..N-1 (severities as ``study.synthetic_train_severity``: 'drawn' as the training
+    data is rendered, mostly mild); held-out identities from ``synthetic.HELD_OUT_OFFSET`` with severities
+    spread evenly over [0, 1]."""
     train = synthetic.render_arrays(range(study.synthetic_train_identities), study.synthetic_images_per_identity,
-                                    size=image_size, severity="drawn")
+                                    size=image_size, severity=study.get("synthetic_train_severity", "drawn"))
     test_ids = range(synthetic.HELD_OUT_OFFSET, synthetic.HELD_OUT_OFFSET + study.synthetic_test_identities)
     test = synthetic.render_arrays(test_ids, study.synthetic_test_images_per_identity, size=image_size,
                                    severity="spread")

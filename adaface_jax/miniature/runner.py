@@ -64,6 +64,8 @@ def check_study(config) -> None:
     need(all(0.0 < float(f) < 1.0 for f in s.far_targets) and len(s.far_targets) > 0, "far_targets",
          "false accept rates in (0, 1)")
     need(0.0 <= float(s.flip_prob) <= 1.0, "flip_prob", "a probability in [0, 1]")
+    if "synthetic_train_severity" in s:
+        need(s.synthetic_train_severity in ("drawn", "spread"), "synthetic_train_severity", "'drawn' or 'spread'")
     for field in ("arcface_m", "cosface_m"):
         need(float(s[field]) >= 0.0, field, "a margin >= 0")
     for field in ("synthetic_train_identities", "synthetic_test_identities", "synthetic_images_per_identity",
@@ -90,8 +92,11 @@ def run_config(config, data: StudyData, head: str, seed: int):
 
 
 def fingerprint(config, data: StudyData) -> str:
-    """Hash of everything a run's result depends on (settings and the data), for resuming."""
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    """Hash of everything a run's result depends on (its settings and the data), for resuming. The study's
+    lists of seeds, heads and datasets are left out: adding a seed does not change the runs already made."""
+    settings = config.to_dict()
+    settings["study"] = {k: v for k, v in settings["study"].items() if k not in ("seeds", "heads", "datasets")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for a in (data.train_images, data.train_labels, data.train_quality, data.test_images, data.test_labels,
               data.test_quality):
         h.update(np.ascontiguousarray(a).tobytes())
@@ -230,6 +235,7 @@ def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool =
                 record.update(dataset=data.name, head=head, seed=int(seed), fingerprint=key,
                               untrained_spearman=untrained["spearman"], **evaluate_heldout(trainer, state, data,
                                                                                           pairs, cfg))
+                record = json.loads(json.dumps(record))  # as a resumed run reads it back (e.g. FAR keys as text)
                 write_json(path, record)
                 result["runs"].append(record)
                 _untrained(result, data.name, seed, record)
