@@ -1,6 +1,6 @@
 """The paper in miniature: AdaFace against ArcFace and CosFace on a CPU, same data, steps and seeds.
 
-    adaface-jax miniature --out runs/miniature --yale-b ../shared/data/yale_b_cropped
+    adaface-jax miniature --out runs/miniature --yale-b path/to/CroppedYale   # yaleB01/yaleB01_P00A+000E+00.jpg ...
     adaface-jax miniature --out runs/mini-small --config configs/paper_miniature.py:small   # minutes, for CI
 
 Not a recipe: a quarter-width ir_18 on 56x56 faces, trained from scratch for a few hundred steps on
