@@ -78,6 +78,12 @@ def _group_stats(x: jax.Array, num_groups: int, axis_name: Optional[str]):
     return mean, std, n
 
 
+def margin_scaler(norms, batch_mean, batch_std, h: float = 0.333, eps: float = 1e-3):
+    """AdaFace's margin scaler ``clip(h (||z|| - mean) / (std + eps), -1, 1)`` (paper Eq. 6; head.py):
+    -1 for the lowest-norm (lowest-quality) samples, +1 for the highest."""
+    return jnp.clip((norms - batch_mean) / (batch_std + eps) * h, -1.0, 1.0)
+
+
 def adaface_logits(embeddings, norms, labels, kernel, state: AdaFaceState, *, m: float = 0.4, h: float = 0.333,
                    s: float = 64.0, t_alpha: float = 0.01, eps: float = 1e-3, num_groups: int = 1,
                    axis_name: Optional[str] = None, skip_std_update_below_two: bool = True):
@@ -110,8 +116,7 @@ def adaface_logits(embeddings, norms, labels, kernel, state: AdaFaceState, *, m:
     per_sample_mean = jnp.repeat(new_mean, b // num_groups, axis=0).reshape(b, 1)
     per_sample_std = jnp.repeat(new_std, b // num_groups, axis=0).reshape(b, 1)
 
-    scaler = (safe_norms.reshape(b, 1) - per_sample_mean) / (per_sample_std + eps)
-    scaler = jnp.clip(scaler * h, -1.0, 1.0)
+    scaler = margin_scaler(safe_norms.reshape(b, 1), per_sample_mean, per_sample_std, h, eps)
 
     onehot = _target_mask(labels, cos.shape[1])
     theta = jnp.arccos(cos)

@@ -242,7 +242,6 @@ def test_scaler_is_the_margin_the_adaface_head_applies():
     import jax.numpy as jnp
 
     from adaface_jax import heads
-    from adaface_jax.miniature.runner import adaface_scaler
 
     r = np.random.default_rng(0)
     emb = r.normal(size=(6, 4)).astype(np.float32)
@@ -254,7 +253,8 @@ def test_scaler_is_the_margin_the_adaface_head_applies():
     m, h, s = 0.4, 0.333, 64.0
     logits, _ = heads.adaface_logits(jnp.asarray(emb), jnp.asarray(norms), jnp.asarray(labels), jnp.asarray(kernel),
                                      state, m=m, h=h, s=s, t_alpha=0.0)
-    scaler = adaface_scaler(norms[:, 0], 22.0, 4.0, h)
+    scaler = np.clip(h * (norms[:, 0] - 22.0) / (4.0 + 1e-3), -1.0, 1.0)  # paper Eq. 6, by hand
+    np.testing.assert_allclose(np.asarray(heads.margin_scaler(norms[:, 0], 22.0, 4.0, h)), scaler, rtol=1e-6)
     assert scaler.min() == -1.0 and scaler.max() == 1.0  # both clips reached
     w = kernel / np.linalg.norm(kernel, axis=0, keepdims=True)
     cos = np.clip(emb @ w, -1 + 1e-3, 1 - 1e-3)[np.arange(6), labels]
@@ -307,6 +307,11 @@ def test_command_runs_records_and_resumes(tmp_path):
         assert (out / name).stat().st_size > 0
     again = _cli(*args)
     assert again.returncode == 0 and again.stdout.count("recorded earlier, skipped") == 2, again.stdout
+    record = out / "runs" / "synthetic-cosface-seed0.json"
+    record.write_text(record.read_text()[:100])  # a damaged record is trained again, not trusted
+    damaged = _cli(*args)
+    assert damaged.returncode == 0 and "is unreadable (JSONDecodeError), training it again" in damaged.stdout
+    assert damaged.stdout.count("recorded earlier, skipped") == 1 and json.loads(record.read_text())["head"] == "cosface"
     more_seeds = _cli(*[a if a != "--config.study.seeds=0" else "--config.study.seeds=0,1" for a in args])
     assert more_seeds.returncode == 0, more_seeds.stderr[-2000:]  # a report over read and new records
     assert more_seeds.stdout.count("recorded earlier, skipped") == 2 and "2 runs trained" in more_seeds.stdout

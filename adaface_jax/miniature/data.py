@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from adaface_jax.errors import InputError
+from adaface_jax.features import normalize_bgr
 from data_pipeline import synthetic, yale_b
 
 
@@ -93,7 +94,7 @@ def make_batch(data: StudyData, seed: int, step: int, batch_size: int, flip_prob
     flips = batch_flips(seed, step, batch_size, flip_prob)
     images = data.train_images[rows].copy()
     images[flips] = images[flips, :, ::-1]
-    return {"image": (images.astype(np.float32) / 255.0 - 0.5) / 0.5, "label": data.train_labels[rows],
+    return {"image": normalize_bgr(images), "label": data.train_labels[rows],
             "rows": rows, "flips": flips}
 
 

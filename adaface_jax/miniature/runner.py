@@ -19,14 +19,13 @@ import numpy as np
 
 from adaface_jax import parallel
 from adaface_jax.errors import ConfigError
+from adaface_jax.features import normalize_bgr
+from adaface_jax.heads import margin_scaler
 from adaface_jax.io import write_json
 from adaface_jax.miniature.data import StudyData, load_study_data, make_batch, probe_rows
 from adaface_jax.train.loop import make_embed_fn
 from adaface_jax.train.setup import build_trainer, init_state
 from evaluation.quality import make_quality_pairs, norm_quality_spearman, verification_by_quality
-
-ADAFACE_EPS = 1e-3  # the std denominator's eps in the original's AdaFace head (head.py)
-
 
 class Log:
     """Progress lines on stdout and appended to ``<out>/study.log``."""
@@ -91,15 +90,22 @@ def run_config(config, data: StudyData, head: str, seed: int):
     return c
 
 
-def fingerprint(config, data: StudyData) -> str:
+def data_digest(data: StudyData) -> str:
+    """Hash of a dataset's images, labels and qualities (computed once per dataset)."""
+    h = hashlib.sha256()
+    for a in (data.train_images, data.train_labels, data.train_quality, data.test_images, data.test_labels,
+              data.test_quality):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(config, data_hash: str) -> str:
     """Hash of everything a run's result depends on (its settings and the data), for resuming. The study's
     lists of seeds, heads and datasets are left out: adding a seed does not change the runs already made."""
     settings = config.to_dict()
     settings["study"] = {k: v for k, v in settings["study"].items() if k not in ("seeds", "heads", "datasets")}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for a in (data.train_images, data.train_labels, data.train_quality, data.test_images, data.test_labels,
-              data.test_quality):
-        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(data_hash.encode())
     return h.hexdigest()[:16]
 
 
@@ -113,11 +119,6 @@ def _probe_fn(model):
         return norm[:, 0]
 
     return probe
-
-
-def adaface_scaler(norms, batch_mean: float, batch_std: float, h: float) -> np.ndarray:
-    """AdaFace's margin scaler clip(h (||z|| - mu) / (sigma + eps), -1, 1) (paper Eq. 6; head.py)."""
-    return np.clip(h * (np.asarray(norms) - batch_mean) / (batch_std + ADAFACE_EPS), -1.0, 1.0)
 
 
 def evaluate_heldout(trainer, state, data: StudyData, pairs, config) -> dict:
@@ -134,7 +135,7 @@ def train_one(trainer, state, probe, data: StudyData, config, seed: int, log, la
     study = config.study
     steps, batch_size = int(study.steps), int(config.global_batch_size)
     rows = probe_rows(data.train_quality, int(study.probe_images))
-    probe_images = (data.train_images[rows].astype(np.float32) / 255.0 - 0.5) / 0.5
+    probe_images = normalize_bgr(data.train_images[rows])
     probe_quality = data.train_quality[rows]
     low = probe_quality <= np.quantile(probe_quality, 1 / 3)
     high = probe_quality >= np.quantile(probe_quality, 2 / 3)
@@ -153,7 +154,7 @@ def train_one(trainer, state, probe, data: StudyData, config, seed: int, log, la
         if is_adaface:
             mu, sigma = (float(np.asarray(x).reshape(-1)[0]) for x in (state.head_state.batch_mean,
                                                                        state.head_state.batch_std))
-            scaler = adaface_scaler(norms, mu, sigma, float(config.head.h))
+            scaler = np.asarray(margin_scaler(norms, mu, sigma, float(config.head.h)))
             probes["scaler_lq"].append(float(scaler[low].mean()))
             probes["scaler_hq"].append(float(scaler[high].mean()))
 
@@ -195,6 +196,7 @@ def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool =
     total = len(datasets) * len(study.heads) * len(study.seeds)
     done = resumed = 0
     for data in datasets:
+        data_hash = data_digest(data)
         pairs = make_quality_pairs(data.test_labels, data.test_quality, int(study.num_bins),
                                    int(study.pairs_per_bin), int(study.pair_seed))
         result["datasets"][data.name] = {
@@ -211,11 +213,15 @@ def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool =
                 label = f"[{done}/{total}] {data.name} {head} seed {seed}"
                 cfg = run_config(config, data, head, seed)
                 path = os.path.join(out_dir, "runs", f"{data.name}-{head}-seed{seed}.json")
-                key = fingerprint(cfg, data)
+                key = fingerprint(cfg, data_hash)
                 if os.path.exists(path):
-                    with open(path, encoding="utf-8") as f:
-                        previous = json.load(f)
-                    if previous.get("fingerprint") == key:
+                    try:
+                        with open(path, encoding="utf-8") as f:
+                            previous = json.load(f)
+                    except (OSError, ValueError) as e:  # a damaged record is trained again, not trusted
+                        log(f"{label}: {path} is unreadable ({type(e).__name__}), training it again")
+                        previous = {}
+                    if isinstance(previous, dict) and previous.get("fingerprint") == key:
                         log(f"{label}: recorded earlier, skipped")
                         resumed += 1
                         result["runs"].append(previous)
