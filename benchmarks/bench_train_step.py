@@ -1,56 +1,57 @@
 """Training-step throughput: our jitted JAX step vs the PyTorch reference, same model, batch and machine.
 
-    python benchmarks/bench_train_step.py --archs ir_18 ir_50 --batch 16 --iters 5
+    python benchmarks/bench_train_step.py --archs ir_18 ir_50 --batch 16 --iters 3 --rounds 3
 
 Both sides run one full step (train-mode backbone, AdaFace head, cross-entropy, backward, SGD with
-the original's parameter groups) in float32 on the CPU; images/s and the JAX/PyTorch ratio are
-printed, not asserted.  The JAX step runs on a mesh over the local devices (1 CPU device unless
-XLA_FLAGS asks for more); PyTorch uses its default intra-op threads.
+the original's parameter groups) in float32 on the CPU. The JAX step runs once per
+``--conv-weight-grad`` choice (XLA's convolution gradient, and the im2col-GEMM weight gradient that
+``config.model.conv_weight_grad='auto'`` uses on CPU). Every side is compiled and warmed up first; then
+``--rounds`` rounds each time ``--iters`` steps of every side in turn, so a slow patch of a shared machine
+hits all sides alike. Printed: the median images/s of each side and its ratio to PyTorch's median; nothing
+is asserted. The JAX step runs on a mesh over the local devices (1 CPU device unless XLA_FLAGS asks for
+more); PyTorch uses its default intra-op threads.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: F401  (the repository and tests/ on sys.path)
 
 
-def jax_images_per_sec(arch, batch, num_classes, iters, warmup):
+def jax_step_runner(arch, batch, num_classes, conv_weight_grad):
+    """(run(iters) -> seconds, compile seconds) for the recipe's step through the trainer builder."""
     import jax  # noqa: PLC0415
 
     from adaface_jax import parallel  # noqa: PLC0415
     from adaface_jax.train.setup import build_trainer  # noqa: PLC0415
     from configs.common import get_base_config  # noqa: PLC0415
 
-    # The recipe's step (AdaFace head, the original's SGD groups), in float32, through the trainer builder.
     config = get_base_config(arch=arch, num_classes=num_classes)
     config.precision = "float32"
+    config.model.conv_weight_grad = conv_weight_grad
     mesh = parallel.make_mesh(jax.local_devices())
     trainer = build_trainer(config, mesh, steps_per_epoch=100)
-    state, step = trainer.state, trainer.step
+    holder = {"state": trainer.state}
     rs = np.random.RandomState(0)
-    batch = parallel.host_to_global({"image": rs.uniform(-1, 1, (batch, 112, 112, 3)).astype(np.float32),
-                                     "label": rs.randint(0, num_classes, batch).astype(np.int32)}, mesh)
-    t = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t
-    for _ in range(warmup):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(iters):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
-    return iters * batch["image"].shape[0] / (time.perf_counter() - t), compile_s
+    data = parallel.host_to_global({"image": rs.uniform(-1, 1, (batch, 112, 112, 3)).astype(np.float32),
+                                    "label": rs.randint(0, num_classes, batch).astype(np.int32)}, mesh)
+
+    def run(iters):
+        t = time.perf_counter()
+        for _ in range(iters):
+            holder["state"], m = trainer.step(holder["state"], data)
+        jax.block_until_ready(m)
+        return time.perf_counter() - t
+
+    compile_s = run(1)
+    run(1)  # warm-up
+    return run, compile_s
 
 
-def torch_images_per_sec(arch, batch, num_classes, iters, warmup):
+def torch_step_runner(arch, batch, num_classes):
     import torch  # noqa: PLC0415
     from torch import nn  # noqa: PLC0415
 
@@ -68,19 +69,18 @@ def torch_images_per_sec(arch, batch, num_classes, iters, warmup):
     x = torch.from_numpy(rs.uniform(-1, 1, (batch, 3, 112, 112)).astype(np.float32))
     y = torch.from_numpy(rs.randint(0, num_classes, batch)).long()
 
-    def step():
-        emb, norm = model(x)
-        loss = nn.functional.cross_entropy(head(emb, norm, y), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    def run(iters):
+        t = time.perf_counter()
+        for _ in range(iters):
+            emb, norm = model(x)
+            loss = nn.functional.cross_entropy(head(emb, norm, y), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - t
 
-    for _ in range(warmup):
-        step()
-    t = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return iters * batch / (time.perf_counter() - t)
+    run(2)  # warm-up
+    return run
 
 
 def main():
@@ -88,16 +88,29 @@ def main():
     ap.add_argument("--archs", nargs="+", default=["ir_18", "ir_50"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--num-classes", type=int, default=1000)
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=3, help="steps per side per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--conv-weight-grad", nargs="+", default=["xla", "gemm"], choices=["xla", "gemm"])
     args = ap.parse_args()
     import torch  # noqa: PLC0415
-    print(f"batch {args.batch}, {args.num_classes} classes, float32, CPU; torch threads {torch.get_num_threads()}")
-    print(f"{'arch':8s} {'jax img/s':>10s} {'torch img/s':>12s} {'jax/torch':>10s} {'jax compile s':>14s}")
+    print(f"batch {args.batch}, {args.num_classes} classes, float32, CPU; torch threads {torch.get_num_threads()}; "
+          f"{args.rounds} rounds of {args.iters} steps per side, medians")
+    print(f"{'arch':8s} {'side':22s} {'img/s':>8s} {'per round':>24s} {'vs torch':>9s} {'compile s':>10s}")
     for arch in args.archs:
-        j, compile_s = jax_images_per_sec(arch, args.batch, args.num_classes, args.iters, args.warmup)
-        t = torch_images_per_sec(arch, args.batch, args.num_classes, args.iters, args.warmup)
-        print(f"{arch:8s} {j:10.2f} {t:12.2f} {j / t:10.2f} {compile_s:14.1f}", flush=True)
+        sides = {}
+        for choice in args.conv_weight_grad:
+            run, compile_s = jax_step_runner(arch, args.batch, args.num_classes, choice)
+            sides[f"jax conv_grad={choice}"] = (run, compile_s)
+        sides["torch (original-style)"] = (torch_step_runner(arch, args.batch, args.num_classes), float("nan"))
+        rates = {name: [] for name in sides}
+        for _ in range(args.rounds):
+            for name, (run, _) in sides.items():
+                rates[name].append(args.iters * args.batch / run(args.iters))
+        base = float(np.median(rates["torch (original-style)"]))
+        for name, (_, compile_s) in sides.items():
+            med = float(np.median(rates[name]))
+            per = " ".join(f"{r:.2f}" for r in rates[name])
+            print(f"{arch:8s} {name:22s} {med:8.2f} {per:>24s} {med / base:8.2f}x {compile_s:10.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def get_base_config(arch: str = "ir_50", num_classes: int = 85742, data_dir: str
     c.model.embedding_size = 512
     c.model.width = 64           # first-stage channels; 64 in every released model (narrower: CPU demos)
     c.model.dropout_rate = 0.4
+    c.model.conv_weight_grad = "auto"  # 'auto': im2col-GEMM weight gradient on CPU, XLA's elsewhere ('xla', 'gemm')
 
     c.head = ml_collections.ConfigDict()
     c.head.name = "adaface"

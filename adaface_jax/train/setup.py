@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from adaface_jax import parallel
 from adaface_jax.errors import ConfigError
 from adaface_jax.models import build_model, unit_strides
+from adaface_jax.models.conv import WEIGHT_GRAD_CHOICES, resolve_weight_grad
 from adaface_jax.train import loss_scale as ls
 from adaface_jax.train import optimizer as optim
 from adaface_jax.train.state import TrainState, create_train_state, init_variables
@@ -99,6 +100,11 @@ def build_backbone(config, num_devices: int = 1, *, groups: Optional[int] = None
     kwargs = dict(dtype=compute_dtype(config), bn_groups=groups, embedding_size=m.embedding_size)
     if m.arch != "tiny":
         kwargs.update(dropout_rate=m.dropout_rate, width=m.get("width", 64), input_size=config.data.image_size)
+        try:
+            kwargs["conv_weight_grad"] = resolve_weight_grad(m.get("conv_weight_grad", "auto"))
+        except ValueError:
+            raise ConfigError(f"config.model.conv_weight_grad={m.get('conv_weight_grad')!r}: expected "
+                              f"one of {WEIGHT_GRAD_CHOICES}") from None
     try:
         model = build_model(m.arch, **kwargs)
         if m.arch != "tiny":
