@@ -49,6 +49,14 @@ def resolve_weight_grad(choice: str, backend: str | None = None) -> str:
     return "gemm" if (backend or jax.default_backend()) == "cpu" else "xla"
 
 
+def conv_op(weight_grad: str):
+    """The ``conv_general_dilated`` for ``nn.Conv``: None (Flax's default, XLA's) for ``'xla'``, or
+    ``conv_general_dilated_gemm_grad`` for ``'gemm'``. Parameters and outputs are identical."""
+    if weight_grad not in ("xla", "gemm"):
+        raise ValueError(f"conv_weight_grad must be 'xla' or 'gemm' (resolve 'auto' first), got {weight_grad!r}")
+    return conv_general_dilated_gemm_grad if weight_grad == "gemm" else None
+
+
 def _conv(x, w, strides, pads, precision):
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=NHWC_HWIO, precision=precision)
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 from flax import linen as nn
 
-from adaface_jax.models.conv import conv_general_dilated_gemm_grad
+from adaface_jax.models.conv import conv_op
 from adaface_jax.models.layers import BatchNorm, PReLU, SEModule, conv_kernel_init_torch_fan_out
 
 
@@ -84,14 +84,6 @@ class _Common(nn.Module):
             return x[:, :: self.stride, :: self.stride, :]
         y = self.conv(self.depth, 1, self.stride, "shortcut_layer_0", "VALID")(x)
         return self.bn("shortcut_layer_1", train)(y)
-
-
-def conv_op(weight_grad: str):
-    """The convolution ``nn.Conv`` runs: XLA's (``'xla'``) or the same forward with a GEMM weight gradient
-    (``'gemm'``, faster on XLA:CPU; ``adaface_jax.models.conv``). Parameters and outputs are identical."""
-    if weight_grad not in ("xla", "gemm"):
-        raise ValueError(f"conv_weight_grad must be 'xla' or 'gemm' (resolve 'auto' first), got {weight_grad!r}")
-    return conv_general_dilated_gemm_grad if weight_grad == "gemm" else None
 
 
 PAD1 = ((1, 1), (1, 1))  # symmetric padding; Flax 'SAME' pads (0, 1) for stride 2 on even sizes
