@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from adaface_jax.compile_options import DEFAULT_CPU_CONVOLUTIONS, compiler_options
 from adaface_jax.io import save_npz
 
 FUSION_METHODS = ("pre_norm_vector_add", "norm_weighted_avg", "average", "concat")
@@ -109,10 +110,12 @@ def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
 
 
 @functools.lru_cache(maxsize=16)
-def make_embed_fn(module, flip_test: bool = True, fusion: str = "pre_norm_vector_add"):
+def make_embed_fn(module, flip_test: bool = True, fusion: str = "pre_norm_vector_add",
+                  cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS):
     """jit-compiled ``(variables, images) -> (features, norms)`` for one (sharded) batch.
 
-    Cached per (module config, flip, fusion) so repeated validation runs compile once."""
+    Cached per (module config, flip, fusion, CPU convolution kernels) so repeated validation runs compile
+    once."""
 
     if fusion not in FUSION_METHODS:
         fuse(np.zeros((1, 1, 1)), np.ones((1, 1, 1)), fusion)  # raises the right error
@@ -129,7 +132,7 @@ def make_embed_fn(module, flip_test: bool = True, fusion: str = "pre_norm_vector
         norms = jnp.stack([norm[:n], norm[n:]]).astype(jnp.float32)
         return fuse(embs, norms, fusion)
 
-    return jax.jit(embed)
+    return jax.jit(embed, compiler_options=compiler_options(cpu_convolutions))
 
 
 def _cache_path(cache_dir, cache_key, flip_test, fusion):
@@ -158,7 +161,8 @@ def _cache_lookup(path, key_text):
 def extract_features(module, variables, images, batch_size: int = 128, flip_test: bool = True,
                      fusion: str = "pre_norm_vector_add", mesh=None, cache_dir: str | None = None,
                      cache_key: str | None = None, num_images: int | None = None,
-                     progress: bool = True, desc: str = "embedding"):
+                     progress: bool = True, desc: str = "embedding",
+                     cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS):
     """Embed ``images`` -> ``(features (N, D'), norms (N, 1))`` as float32 numpy arrays.
 
     Args:
@@ -176,6 +180,7 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
         ``adaface_jax.cli.evaluate``); it is stored in the file and compared on a hit, so a
         different key never returns these features. A hit does not run the model.
       num_images: total count for the progress bar when ``images`` is a plain iterable.
+      cpu_convolutions: the convolution kernels on the CPU backend (``adaface_jax.compile_options``).
     """
 
     path = key_text = None
@@ -190,7 +195,7 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
     n_dev = mesh.shape["data"]
     batch_size = max(n_dev, -(-int(batch_size) // n_dev) * n_dev)
     sharding = NamedSharding(mesh, P("data"))
-    embed = make_embed_fn(module, flip_test, fusion)
+    embed = make_embed_fn(module, flip_test, fusion, cpu_convolutions)
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
 
     total = num_images if num_images is not None else (images.shape[0] if hasattr(images, "shape") else None)

@@ -127,11 +127,14 @@ def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
                          f"{jax.process_count()}")
 
 
-def jit_sharded(fn, mesh: Mesh, state_shardings_: Any, *, donate: bool = True):
+def jit_sharded(fn, mesh: Mesh, state_shardings_: Any, *, donate: bool = True,
+                compiler_options: Optional[dict] = None):
     """jit ``fn(state, batch) -> (state, metrics)`` on the mesh: state in/out with its shardings,
-    batch sharded along 'data', metrics replicated; the input state is donated."""
+    batch sharded along 'data', metrics replicated; the input state is donated. ``compiler_options``:
+    XLA options for this program (``adaface_jax.compile_options``)."""
     return jax.jit(fn, in_shardings=(state_shardings_, batch_sharding(mesh)),
-                   out_shardings=(state_shardings_, replicated(mesh)), donate_argnums=(0,) if donate else ())
+                   out_shardings=(state_shardings_, replicated(mesh)), donate_argnums=(0,) if donate else (),
+                   compiler_options=compiler_options)
 
 
 def abstract_sharded(init_fn, mesh: Mesh, *args):

@@ -27,6 +27,7 @@ def main(argv=None):
     import onnxruntime as ort
     import torch
 
+    from adaface_jax.compile_options import compiler_options
     from adaface_jax.convert.convert import state_dict_to_variables
     from adaface_jax.deploy.onnx_export import build_onnx_model
     from adaface_jax.models import build_model
@@ -36,7 +37,7 @@ def main(argv=None):
     _, _, variables, _, _ = state_dict_to_variables({"model." + k: v for k, v in tm.state_dict().items()})
     model = build_model(args.arch)
     jvars = jax.device_put(variables)
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=compiler_options())  # as extract_features
     x = np.random.RandomState(0).uniform(-1, 1, (args.batch, 112, 112, 3)).astype(np.float32)
     xj = jax.device_put(x)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())

@@ -1,8 +1,12 @@
 """Eval-mode forward throughput: our jitted Flax IResNet vs the PyTorch reference (baseline, same run).
 
-    python3 benchmarks/bench_forward.py --arch ir_18 --batch 8 --iters 5 [--dtype bfloat16]
+    python3 benchmarks/bench_forward.py --arch ir_18 --batch 8 --iters 5 --rounds 3 [--dtype bfloat16]
 
-Prints images/s for both and the ratio ours/baseline.  Needs torch (tests/torch_reference.py).
+The Flax forward is compiled once per ``--cpu-convolutions`` choice (``adaface_jax.compile_options``, as
+the feature extractor compiles it: XLA's Eigen convolution kernels by default, or XLA's defaults). Every
+side is warmed up first; then ``--rounds`` rounds each time ``--iters`` calls of every side in turn.
+Prints the median images/s of each side and its ratio to the PyTorch reference's median. Needs torch
+(tests/torch_reference.py).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import argparse
 import numpy as np
 
 from harness import timed
+from adaface_jax.compile_options import CPU_CONVOLUTIONS
 
 
 def main(argv=None):
@@ -18,13 +23,16 @@ def main(argv=None):
     p.add_argument("--arch", default="ir_18")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--cpu-convolutions", nargs="+", default=list(CPU_CONVOLUTIONS), choices=CPU_CONVOLUTIONS)
     args = p.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
     import torch
 
+    from adaface_jax.compile_options import compiler_options
     from adaface_jax.convert.convert import state_dict_to_variables
     from adaface_jax.models import build_model
     from torch_reference import build_backbone, randomize_
@@ -33,18 +41,30 @@ def main(argv=None):
     _, _, variables, _, _ = state_dict_to_variables({"model." + k: v for k, v in tm.state_dict().items()})
     variables = jax.device_put(variables)
     model = build_model(args.arch, dtype=getattr(jnp, args.dtype))
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
     x = np.random.RandomState(0).uniform(-1, 1, (args.batch, 112, 112, 3)).astype(np.float32)
     xj = jax.device_put(x)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
-    t_ours = timed(lambda: jax.block_until_ready(fwd(variables, xj)), args.iters)
-    with torch.no_grad():
-        t_base = timed(lambda: tm(xt), args.iters)
-    print(f"{args.arch} batch {args.batch} on {jax.default_backend()} ({args.dtype}):")
-    print(f"  pytorch reference (baseline): {args.batch / t_base:8.1f} images/s")
-    print(f"  flax jit (ours):              {args.batch / t_ours:8.1f} images/s")
-    print(f"  ratio ours/baseline:          {t_base / t_ours:8.2f}x")
+    sides = {}
+    for choice in args.cpu_convolutions:
+        fwd = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=compiler_options(choice))
+        sides[f"flax jit, {choice}"] = lambda fwd=fwd: jax.block_until_ready(fwd(variables, xj))
+
+    def torch_forward():
+        with torch.no_grad():
+            tm(xt)
+
+    sides["pytorch reference"] = torch_forward
+    rates = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, fn in sides.items():
+            rates[name].append(args.batch / timed(fn, args.iters))
+    base = float(np.median(rates["pytorch reference"]))
+    print(f"{args.arch} batch {args.batch} on {jax.default_backend()} ({args.dtype}), {args.rounds} rounds of "
+          f"{args.iters} calls per side, medians:")
+    for name, r in rates.items():
+        med = float(np.median(r))
+        print(f"  {name:28s} {med:8.1f} images/s   {med / base:5.2f}x the PyTorch reference")
 
 
 if __name__ == "__main__":

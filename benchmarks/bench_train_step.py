@@ -3,13 +3,13 @@
     python benchmarks/bench_train_step.py --archs ir_18 ir_50 --batch 16 --iters 3 --rounds 3
 
 Both sides run one full step (train-mode backbone, AdaFace head, cross-entropy, backward, SGD with
-the original's parameter groups) in float32 on the CPU. The JAX step runs once per
-``--conv-weight-grad`` choice (XLA's convolution gradient, and the im2col-GEMM weight gradient that
-``config.model.conv_weight_grad='auto'`` uses on CPU). Every side is compiled and warmed up first; then
-``--rounds`` rounds each time ``--iters`` steps of every side in turn, so a slow patch of a shared machine
-hits all sides alike. Printed: the median images/s of each side and its ratio to PyTorch's median; nothing
-is asserted. The JAX step runs on a mesh over the local devices (1 CPU device unless XLA_FLAGS asks for
-more); PyTorch uses its default intra-op threads.
+the original's parameter groups) in float32 on the CPU. The JAX step is the trainer builder's, once per
+``--cpu-convolutions`` choice (``config.cpu_convolutions``: XLA's Eigen convolution kernels, the default,
+and XLA's default YNNPACK ones). Every side is compiled and warmed up first; then ``--rounds`` rounds each
+time ``--iters`` steps of every side in turn, so a slow patch of a shared machine hits all sides alike.
+Printed: the median images/s of each side and its ratio to PyTorch's median; nothing is asserted. The JAX
+step runs on a mesh over the local devices (1 CPU device unless XLA_FLAGS asks for more); PyTorch uses its
+default intra-op threads.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import time
 import numpy as np
 
 import harness  # noqa: F401  (the repository and tests/ on sys.path)
+from adaface_jax.compile_options import CPU_CONVOLUTIONS  # noqa: E402
 
 
-def jax_step_runner(arch, batch, num_classes, conv_weight_grad):
+def jax_step_runner(arch, batch, num_classes, cpu_convolutions):
     """(run(iters) -> seconds, compile seconds) for the recipe's step through the trainer builder."""
     import jax  # noqa: PLC0415
 
@@ -31,7 +32,7 @@ def jax_step_runner(arch, batch, num_classes, conv_weight_grad):
 
     config = get_base_config(arch=arch, num_classes=num_classes)
     config.precision = "float32"
-    config.model.conv_weight_grad = conv_weight_grad
+    config.cpu_convolutions = cpu_convolutions
     mesh = parallel.make_mesh(jax.local_devices())
     trainer = build_trainer(config, mesh, steps_per_epoch=100)
     holder = {"state": trainer.state}
@@ -90,7 +91,7 @@ def main():
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--iters", type=int, default=3, help="steps per side per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--conv-weight-grad", nargs="+", default=["xla", "gemm"], choices=["xla", "gemm"])
+    ap.add_argument("--cpu-convolutions", nargs="+", default=list(CPU_CONVOLUTIONS), choices=CPU_CONVOLUTIONS)
     args = ap.parse_args()
     import torch  # noqa: PLC0415
     print(f"batch {args.batch}, {args.num_classes} classes, float32, CPU; torch threads {torch.get_num_threads()}; "
@@ -98,9 +99,9 @@ def main():
     print(f"{'arch':8s} {'side':22s} {'img/s':>8s} {'per round':>24s} {'vs torch':>9s} {'compile s':>10s}")
     for arch in args.archs:
         sides = {}
-        for choice in args.conv_weight_grad:
+        for choice in args.cpu_convolutions:
             run, compile_s = jax_step_runner(arch, args.batch, args.num_classes, choice)
-            sides[f"jax conv_grad={choice}"] = (run, compile_s)
+            sides[f"jax {choice}"] = (run, compile_s)
         sides["torch (original-style)"] = (torch_step_runner(arch, args.batch, args.num_classes), float("nan"))
         rates = {name: [] for name in sides}
         for _ in range(args.rounds):

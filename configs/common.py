@@ -29,13 +29,13 @@ def get_base_config(arch: str = "ir_50", num_classes: int = 85742, data_dir: str
     c.progress = True
     c.sample_grid = True
     c.debug_step_delay_s = 0.0   # sleep after each step: only for tests that interrupt a run
+    c.cpu_convolutions = "eigen"  # CPU backend only: XLA's Eigen convolution kernels, or 'xla_default' (YNNPACK)
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = arch
     c.model.embedding_size = 512
     c.model.width = 64           # first-stage channels; 64 in every released model (narrower: CPU demos)
     c.model.dropout_rate = 0.4
-    c.model.conv_weight_grad = "auto"  # 'auto': im2col-GEMM weight gradient on CPU, XLA's elsewhere ('xla', 'gemm')
 
     c.head = ml_collections.ConfigDict()
     c.head.name = "adaface"

@@ -9,6 +9,7 @@ interrupt).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -18,13 +19,14 @@ import jax
 import numpy as np
 
 from adaface_jax import parallel
+from adaface_jax.compile_options import compiler_options
 from adaface_jax.errors import ConfigError
 from adaface_jax.features import normalize_bgr
 from adaface_jax.heads import margin_scaler
 from adaface_jax.io import write_json
 from adaface_jax.miniature.data import StudyData, load_study_data, make_batch, probe_rows
 from adaface_jax.train.loop import make_embed_fn
-from adaface_jax.train.setup import build_trainer, init_state
+from adaface_jax.train.setup import build_trainer, init_state, resolve_cpu_convolutions
 from evaluation.quality import make_quality_pairs, norm_quality_spearman, verification_by_quality
 
 class Log:
@@ -109,10 +111,10 @@ def fingerprint(config, data_hash: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _probe_fn(model):
+def _probe_fn(model, cpu_convolutions: str):
     """Training-mode norms (batch statistics, dropout on) of a probe batch, as the head sees them."""
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options(cpu_convolutions))
     def probe(params, batch_stats, images, rng):
         (_, norm), _ = model.apply({"params": params["backbone"], "batch_stats": batch_stats}, images, train=True,
                                    mutable=["batch_stats"], rngs={"dropout": rng})
@@ -123,7 +125,8 @@ def _probe_fn(model):
 
 def evaluate_heldout(trainer, state, data: StudyData, pairs, config) -> dict:
     """Norm-quality Spearman and quality-binned verification on the held-out identities (flip test)."""
-    embed = make_embed_fn(trainer.eval_model, state, trainer.mesh, int(config.study.eval_batch_size))
+    embed = make_embed_fn(trainer.eval_model, state, trainer.mesh, int(config.study.eval_batch_size),
+                          cpu_convolutions=resolve_cpu_convolutions(config))
     feats, norms = embed(data.test_images)
     return {"spearman": norm_quality_spearman(norms[:, 0], data.test_quality),
             "bins": verification_by_quality(feats, pairs, tuple(config.study.far_targets)),
@@ -230,7 +233,7 @@ def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool =
                 if trainer is None:
                     t = time.perf_counter()
                     trainer = build_trainer(cfg, mesh, steps_per_epoch=1)
-                    probe = _probe_fn(trainer.model)
+                    probe = _probe_fn(trainer.model, resolve_cpu_convolutions(config))
                     state = trainer.state
                     log(f"{data.name} {head}: trainer built in {time.perf_counter() - t:.1f} s")
                 else:  # a fresh state for this seed; the optimizer object is the compiled step's (same schedule)

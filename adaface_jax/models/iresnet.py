@@ -15,7 +15,6 @@ from typing import Any, Optional
 import jax.numpy as jnp
 from flax import linen as nn
 
-from adaface_jax.models.conv import conv_op
 from adaface_jax.models.layers import BatchNorm, PReLU, SEModule, conv_kernel_init_torch_fan_out
 
 
@@ -67,12 +66,11 @@ class _Common(nn.Module):
     bn_groups: int = 1
     axis_name: Optional[str] = None
     dtype: Any = jnp.float32
-    conv_weight_grad: str = "xla"
 
     def conv(self, features, kernel, stride, name, padding):
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=False,
                        kernel_init=conv_kernel_init_torch_fan_out(), dtype=self.dtype, param_dtype=jnp.float32,
-                       conv_general_dilated=conv_op(self.conv_weight_grad), name=name)
+                       name=name)
 
     def bn(self, name, train):
         return BatchNorm(use_running_average=not train, num_groups=self.bn_groups, axis_name=self.axis_name,
@@ -140,8 +138,6 @@ class IResNet(nn.Module):
       bn_groups: 1 = statistics over the whole (global) batch; k = per-group statistics, the
         per-device behaviour of the original when k equals the number of devices.
       axis_name: named axis to synchronise BatchNorm over inside ``shard_map``/``pmap``.
-      conv_weight_grad: 'xla' (XLA's convolution gradient) or 'gemm' (the weight gradient as an im2col
-        matrix product, faster on CPU); the forward pass and the parameters are the same.
     """
 
     num_layers: int = 50
@@ -153,7 +149,6 @@ class IResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_groups: int = 1
     axis_name: Optional[str] = None
-    conv_weight_grad: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -161,13 +156,11 @@ class IResNet(nn.Module):
             raise ValueError(f"IResNet expects NHWC BGR images of shape (N, {self.input_size}, "
                              f"{self.input_size}, 3), got {tuple(x.shape)}")
         ura = not train
-        common = dict(bn_groups=self.bn_groups, axis_name=self.axis_name, dtype=self.dtype,
-                      conv_weight_grad=self.conv_weight_grad)
+        common = dict(bn_groups=self.bn_groups, axis_name=self.axis_name, dtype=self.dtype)
         bn_kw = dict(num_groups=self.bn_groups, axis_name=self.axis_name, dtype=self.dtype)
         x = x.astype(self.dtype)
         x = nn.Conv(self.width, (3, 3), padding=PAD1, use_bias=False, kernel_init=conv_kernel_init_torch_fan_out(),
-                    dtype=self.dtype, param_dtype=jnp.float32, conv_general_dilated=conv_op(self.conv_weight_grad),
-                    name="input_layer_0")(x)
+                    dtype=self.dtype, param_dtype=jnp.float32, name="input_layer_0")(x)
         x = BatchNorm(use_running_average=ura, name="input_layer_1", **bn_kw)(x)
         x = PReLU(name="input_layer_2")(x)
 

@@ -102,9 +102,8 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
     n = mesh.devices.size
     num_classes, source = class_count(config)
     config.num_classes = num_classes
-    if config.model.get("conv_weight_grad", "auto") == "auto":
-        # Plan the accelerator program: on simulated CPU devices 'auto' would pick the CPU-only GEMM gradient.
-        config.model.conv_weight_grad = "xla"
+    # Plan the accelerator program: XLA's default kernels, without the CPU-only convolution choice.
+    config.cpu_convolutions = "xla_default"
     validate_config(config, n, None)
     trainer = build_trainer(config, mesh, steps_per_epoch=1000, abstract=True)
     b, size = config.global_batch_size, config.data.image_size

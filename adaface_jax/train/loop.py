@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from adaface_jax import heads, parallel
 from adaface_jax.checkpoint import Checkpointer, load_weights
+from adaface_jax.compile_options import DEFAULT_CPU_CONVOLUTIONS
 from adaface_jax.errors import ConfigError, InputError  # noqa: F401  (ConfigError: re-exported)
 from adaface_jax.features import extract_features
 from adaface_jax.models import MODEL_NAMES
-from adaface_jax.train.setup import build_trainer
+from adaface_jax.train.setup import build_trainer, resolve_cpu_convolutions
 from adaface_jax.train.state import TrainState
 from data_pipeline.bin_reader import load_bin
 from data_pipeline.input import (TrainInputConfig, effective_streams, hide_gpus_from_tf, make_train_iterator,
@@ -246,7 +247,8 @@ def build_evaluators(config) -> dict:
     return {"verification": (VerificationEvaluator(sets), spec)} if sets else {}
 
 
-def make_embed_fn(model_eval, state: TrainState, mesh, batch_size: int, flip_test: bool = True):
+def make_embed_fn(model_eval, state: TrainState, mesh, batch_size: int, flip_test: bool = True,
+                  cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS):
     """``embed_fn(images) -> (features, norms)`` of the state's backbone, for the evaluators.
 
     With several processes each process embeds its contiguous block of the images (padded to equal
@@ -262,12 +264,13 @@ def make_embed_fn(model_eval, state: TrainState, mesh, batch_size: int, flip_tes
     def embed_fn(images):
         if nproc == 1:
             return extract_features(model_eval, variables, images, batch_size=batch_size, flip_test=flip_test,
-                                    mesh=mesh, progress=False)
+                                    mesh=mesh, progress=False, cpu_convolutions=cpu_convolutions)
         n = len(images)
         per = -(-n // nproc)
         rows = np.minimum(np.arange(pid * per, (pid + 1) * per), n - 1)  # the last block padded with image n-1
         feats, norms = extract_features(model_eval, variables, np.asarray(images)[rows], batch_size=batch_size,
-                                        flip_test=flip_test, mesh=mesh, progress=False)
+                                        flip_test=flip_test, mesh=mesh, progress=False,
+                                        cpu_convolutions=cpu_convolutions)
         gathered = multihost_utils.process_allgather({"f": feats, "n": norms})
         return (np.asarray(gathered["f"]).reshape(nproc * per, -1)[:n],
                 np.asarray(gathered["n"]).reshape(nproc * per, -1)[:n])
@@ -448,7 +451,9 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                    if epoch_end and (epoch + 1) % spec.every_epochs == 0}
             if "verification" in due:
                 evaluator, spec = due["verification"]
-                val = verification_metrics(evaluator.run(make_embed_fn(model_eval, state, mesh, spec.batch_size)))
+                embed_fn = make_embed_fn(model_eval, state, mesh, spec.batch_size,
+                                         cpu_convolutions=resolve_cpu_convolutions(config))
+                val = verification_metrics(evaluator.run(embed_fn))
                 metrics_log.write(step, val)
                 last.update(val)
                 log.info("step %d epoch %d: %s", step, epoch, val)

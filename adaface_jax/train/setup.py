@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from adaface_jax import parallel
+from adaface_jax import compile_options, parallel
 from adaface_jax.errors import ConfigError
 from adaface_jax.models import build_model, unit_strides
-from adaface_jax.models.conv import WEIGHT_GRAD_CHOICES, resolve_weight_grad
 from adaface_jax.train import loss_scale as ls
 from adaface_jax.train import optimizer as optim
 from adaface_jax.train.state import TrainState, create_train_state, init_variables
@@ -100,11 +99,6 @@ def build_backbone(config, num_devices: int = 1, *, groups: Optional[int] = None
     kwargs = dict(dtype=compute_dtype(config), bn_groups=groups, embedding_size=m.embedding_size)
     if m.arch != "tiny":
         kwargs.update(dropout_rate=m.dropout_rate, width=m.get("width", 64), input_size=config.data.image_size)
-        try:
-            kwargs["conv_weight_grad"] = resolve_weight_grad(m.get("conv_weight_grad", "auto"))
-        except ValueError:
-            raise ConfigError(f"config.model.conv_weight_grad={m.get('conv_weight_grad')!r}: expected "
-                              f"one of {WEIGHT_GRAD_CHOICES}") from None
     try:
         model = build_model(m.arch, **kwargs)
         if m.arch != "tiny":
@@ -140,6 +134,12 @@ def init_state(config, model, mesh: Mesh, schedule, padded_classes: int, *, abst
     return parallel.create_sharded(init, mesh, rng)
 
 
+def resolve_cpu_convolutions(config) -> str:
+    """``config.cpu_convolutions`` ('eigen' by default; see ``adaface_jax.compile_options``), checked."""
+    choice = config.get("cpu_convolutions", compile_options.DEFAULT_CPU_CONVOLUTIONS)
+    return compile_options.check_cpu_convolutions(choice)
+
+
 def step_config(config, mesh: Mesh, schedule=None, groups: Optional[int] = None) -> StepConfig:
     groups = groups or stat_groups(config, mesh.devices.size)
     return StepConfig(head=config.head, num_classes=config.num_classes, head_num_groups=groups,
@@ -166,7 +166,8 @@ def build_trainer(config, mesh: Optional[Mesh] = None, *, steps_per_epoch: int,
     schedule = make_schedule(config, steps_per_epoch)
     model = build_backbone(config, ndev, groups=groups)
     cfg = step_config(config, mesh, schedule, groups)  # checks the config before anything is traced
+    options = compile_options.compiler_options(resolve_cpu_convolutions(config), mesh.devices.flat[0].platform)
     state, shardings = init_state(config, model, mesh, schedule, padded, abstract=abstract)
-    step = parallel.jit_sharded(make_train_step(model, cfg), mesh, shardings)
+    step = parallel.jit_sharded(make_train_step(model, cfg), mesh, shardings, compiler_options=options)
     return Trainer(mesh=mesh, model=model, eval_model=build_backbone(config, 1), state=state, shardings=shardings,
                    step=step, schedule=schedule, step_config=cfg, padded_classes=padded)

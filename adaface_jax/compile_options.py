@@ -1,0 +1,44 @@
+"""XLA compiler options for the programs we jit: on the CPU backend, which kernels run the convolutions.
+
+XLA:CPU (jaxlib 0.10) hands every convolution to a YNNPACK fusion by default. For the IResNet's layers on
+x86 those ran 1.3-3.8x slower than XLA's own Eigen convolution kernels, in the forward pass, the input
+gradient and above all the weight gradient (112x112 to 7x7, batch 16; ``benchmarks/bench_train_step.py``
+times the whole step). ``'eigen'`` keeps YNNPACK for the dots and reductions it runs by default and drops
+only its convolution fusions (``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``), so XLA runs the convolutions
+with Eigen. ``'xla_default'`` compiles with XLA's defaults. Accelerators get no options: the choice is a CPU
+one.
+
+One home for the choice: the trainer builder (``config.cpu_convolutions``), the feature extractor and the
+study's probes ask ``compiler_options`` for the dict to pass to ``jax.jit``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+
+from adaface_jax.errors import ConfigError
+
+CPU_CONVOLUTIONS = ("eigen", "xla_default")
+DEFAULT_CPU_CONVOLUTIONS = "eigen"
+
+# XLA's default YNNPACK fusion kinds on CPU (jaxlib 0.10: dots, reductions, convolutions) without the
+# convolutions. The compiled step keeps every YNNPACK dot and reduction fusion it had by default.
+_YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+
+
+def check_cpu_convolutions(choice: str, where: str = "config.cpu_convolutions") -> str:
+    if choice not in CPU_CONVOLUTIONS:
+        raise ConfigError(f"{where}={choice!r}: expected one of {CPU_CONVOLUTIONS}")
+    return choice
+
+
+def compiler_options(cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS,
+                     platform: Optional[str] = None) -> Optional[dict]:
+    """``compiler_options`` for ``jax.jit`` on ``platform`` (default: JAX's default backend): the Eigen
+    convolutions on CPU for ``'eigen'``, None (XLA's defaults) otherwise."""
+    check_cpu_convolutions(cpu_convolutions)
+    platform = platform or jax.default_backend()
+    if platform != "cpu" or cpu_convolutions == "xla_default":
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
