@@ -1,12 +1,15 @@
 """XLA compiler options for the programs we jit: on the CPU backend, which kernels run the convolutions.
 
-XLA:CPU (jaxlib 0.10) hands every convolution to a YNNPACK fusion by default. For the IResNet's layers on
-x86 those ran 1.3-3.8x slower than XLA's own Eigen convolution kernels, in the forward pass, the input
-gradient and above all the weight gradient (112x112 to 7x7, batch 16; ``benchmarks/bench_train_step.py``
-times the whole step). ``'eigen'`` keeps YNNPACK for the dots and reductions it runs by default and drops
-only its convolution fusions (``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``), so XLA runs the convolutions
-with Eigen. ``'xla_default'`` compiles with XLA's defaults. Accelerators get no options: the choice is a CPU
-one.
+XLA:CPU (jaxlib 0.10) hands every convolution to a YNNPACK fusion by default. Summed over the IResNet's
+convolution shapes on x86 (batch 16, ``benchmarks/bench_conv_layers.py``), YNNPACK took 3.7x the time of
+XLA's own Eigen kernels for the weight gradients (6.3x at 112x112), 1.5x for the forward pass and 1.1x for
+the input gradients; its weight gradients also carry about ten times the float32 rounding error.
+``benchmarks/bench_train_step.py`` times the whole step.
+
+``'eigen'`` keeps YNNPACK for the dots and reductions it runs by default and drops only its convolution
+fusions (``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``), so XLA runs the convolutions with Eigen (leaving
+YNNPACK only the dots is slower: the BatchNorm reductions become ``reduce-window`` loops). ``'xla_default'``
+compiles with XLA's defaults. Accelerators get no options: the choice is a CPU one.
 
 One home for the choice: the trainer builder (``config.cpu_convolutions``), the feature extractor and the
 study's probes ask ``compiler_options`` for the dict to pass to ``jax.jit``.
