@@ -30,9 +30,9 @@ DEFAULT_CPU_CONVOLUTIONS = "eigen"
 _YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
 
-def check_cpu_convolutions(choice: str, where: str = "config.cpu_convolutions") -> str:
+def check_cpu_convolutions(choice: str) -> str:
     if choice not in CPU_CONVOLUTIONS:
-        raise ConfigError(f"{where}={choice!r}: expected one of {CPU_CONVOLUTIONS}")
+        raise ConfigError(f"config.cpu_convolutions={choice!r}: expected one of {CPU_CONVOLUTIONS}")
     return choice
 
 

@@ -11,11 +11,10 @@ total to PyTorch's. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-import harness  # noqa: F401  (the repository on sys.path)
+from harness import timed_median  # (also puts the repository on sys.path)
 
 # (input H = W, C_in, C_out, kernel, stride): the stem, each stage's first block (3x3 stride 2 and the 1x1
 # stride-2 shortcut) and its repeated 3x3 convolutions.
@@ -27,13 +26,7 @@ LAYERS = [(112, 3, 64, 3, 1), (112, 64, 64, 3, 1), (112, 64, 64, 3, 2), (112, 64
 
 
 def median_ms(fn, iters):
-    fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    return 1e3 * timed_median(fn, iters)
 
 
 def main(argv=None):

@@ -1,8 +1,9 @@
 """What every harness here shares: the repository and tests/ (for the PyTorch reference) on sys.path,
-and a timer that runs once to warm up (compile) before it measures."""
+and the timers, which run once to warm up (compile) before they measure."""
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
@@ -19,3 +20,14 @@ def timed(fn, iters: int) -> float:
     for _ in range(iters):
         fn()
     return (time.perf_counter() - t) / iters
+
+
+def timed_median(fn, iters: int) -> float:
+    """Median seconds of one call of ``fn()`` over ``iters`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
