@@ -1,9 +1,9 @@
 """XLA compiler options for the programs we jit: on the CPU backend, which kernels run the convolutions.
 
 XLA:CPU (jaxlib 0.10) hands every convolution to a YNNPACK fusion by default. Summed over the IResNet's
-convolution shapes on x86 (batch 16, ``benchmarks/bench_conv_layers.py``), YNNPACK took 3.7x the time of
-XLA's own Eigen kernels for the weight gradients (6.3x at 112x112), 1.5x for the forward pass and 1.1x for
-the input gradients; its weight gradients also carry about ten times the float32 rounding error.
+convolution shapes on x86 (batch 16, ``benchmarks/bench_conv_layers.py``), YNNPACK took 3.7-3.8x the time
+of XLA's own Eigen kernels for the weight gradients (6.0-6.3x at 112x112), 1.5x for the forward pass and
+1.1-1.2x for the input gradients (two runs); its weight gradients also carry about ten times the float32 rounding error.
 ``benchmarks/bench_train_step.py`` times the whole step.
 
 ``'eigen'`` keeps YNNPACK for the dots and reductions it runs by default and drops only its convolution
