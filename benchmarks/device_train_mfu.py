@@ -11,7 +11,8 @@ class-sharded kernel, ``--sample-rate`` for Partial FC).  The config comes from 
 ml_collections is importable, else from a plain attribute dict with the same fields (so it runs where
 only JAX, flax, optax and orbax are installed: no TensorFlow, no ml_collections).
 
-FLOPs per step come from the compiled step's XLA cost analysis (the per-device program x devices);
+FLOPs per step are ``program_cost.model_flops`` of the step: its convolutions and matrix products, counted
+on the jaxpr (XLA's compiled GPU program leaves cuDNN/cuBLAS calls out of its own count).
 MFU = achieved FLOP/s / (chips x peak FLOP/s per chip).  The peak comes from --peak-tflops or a small
 table of dense bf16 peaks by device kind.  ``--forward`` also times the eval-mode forward pass;
 peak memory is the device's ``memory_stats()['peak_bytes_in_use']`` where the backend reports it.
@@ -85,12 +86,16 @@ def main(argv=None):
     ap.add_argument("--image-size", type=int, default=112)
     ap.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
     ap.add_argument("--forward", action="store_true", help="also time the eval-mode forward pass")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="print the step's model FLOPs for these settings and stop: nothing is allocated, compiled "
+                         "or run (for MFU from a step time measured on another host)")
     args = ap.parse_args(argv)
     precision = "float32" if args.float32 else args.precision
 
     import jax  # noqa: PLC0415
 
     from adaface_jax import parallel  # noqa: PLC0415
+    from adaface_jax.train.program_cost import model_flops  # noqa: PLC0415
     from adaface_jax.train.setup import build_trainer  # noqa: PLC0415
 
     mesh = parallel.make_mesh()
@@ -103,6 +108,16 @@ def main(argv=None):
     config.model.width = args.width
     config.data.image_size = args.image_size
     config.head.sample_rate = args.sample_rate
+    if args.flops_only:
+        trainer = build_trainer(config, mesh, steps_per_epoch=1000, abstract=True)
+        bs = parallel.batch_sharding(mesh)
+        shape = (global_batch, args.image_size, args.image_size, 3)
+        flops = model_flops(trainer.step, trainer.state, {"image": jax.ShapeDtypeStruct(shape, np.float32, sharding=bs),
+                                                          "label": jax.ShapeDtypeStruct(shape[:1], np.int32, sharding=bs)})
+        print(f"{args.arch} {precision}; {args.num_classes} classes; global batch {global_batch}; sample rate "
+              f"{args.sample_rate:g}: model FLOPs/step {flops / 1e12:.3f} TFLOP ({flops / global_batch / 1e9:.2f} "
+              f"GFLOP/image)")
+        return 0
     trainer = build_trainer(config, mesh, steps_per_epoch=1000)
     state, size = trainer.state, args.image_size
     rs = np.random.RandomState(jax.process_index())
@@ -112,14 +127,12 @@ def main(argv=None):
     t = time.perf_counter()
     compiled = trainer.step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    # XLA reports the per-device program for SPMD executables: scale to the whole step.
-    flops_step = flops * chips
+    flops_step = model_flops(trainer.step, state, batch)
 
+    first_loss = None
     for _ in range(args.warmup):
         state, m = compiled(state, batch)
+        first_loss = float(m["loss"]) if first_loss is None else first_loss
     jax.block_until_ready(m)
     t = time.perf_counter()
     for _ in range(args.steps):
@@ -130,7 +143,9 @@ def main(argv=None):
     peak = args.peak_tflops or peak_tflops(kind)
     print(f"device {kind} x{chips}; {args.arch} {precision}; {args.num_classes} classes (padded "
           f"{trainer.padded_classes}); global batch {global_batch}; sample rate {args.sample_rate:g}; config {source}")
-    print(f"compile {compile_s:.1f} s; step {dt * 1e3:.1f} ms; loss {float(m['loss']):.3f}")
+    # The same batch every step: the loss falls as the step fits it (a sign the step trains).
+    loss_from = f"{first_loss:.3f} -> " if first_loss is not None else ""
+    print(f"compile {compile_s:.1f} s; step {dt * 1e3:.1f} ms; loss {loss_from}{float(m['loss']):.3f}")
     print(f"images/s total {global_batch / dt:.1f}; per chip {global_batch / dt / chips:.1f}")
     print(f"model FLOPs/step {flops_step / 1e12:.3f} TFLOP ({flops_step / global_batch / 1e9:.2f} GFLOP/image)")
     if peak:

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from adaface_jax import parallel
-from adaface_jax.train import dry_run
+from adaface_jax.train import dry_run, program_cost
 from adaface_jax.train.setup import build_trainer
 from train_fixtures import E, tiny_config
 
@@ -34,7 +34,7 @@ def test_collective_parser_on_hand_written_hlo():
         %cp = u8[10]{0} collective-permute(u8[10]{0} %z), source_target_pairs={{0,1}}
         %add = f32[16,512]{1,0} add(f32[16,512]{1,0} %ag, f32[16,512]{1,0} %ag)
         """)
-    got = dry_run.collective_bytes(hlo)
+    got = program_cost.collective_bytes(hlo)
     assert got["all-gather"] == {"count": 2, "bytes": 16 * 512 * 4 + 16 * 4 * 4}
     assert got["all-reduce"] == {"count": 2, "bytes": 64 * 4 + 64 * 2 + 4}
     assert got["collective-permute"] == {"count": 1, "bytes": 10}
@@ -59,7 +59,7 @@ def test_plan_of_the_tiny_step_on_eight_devices():
     ma = p["memory_analysis"]
     assert ma["argument"] >= p["param_bytes"] + p["opt_bytes"] and ma["temp"] > 0
     assert p["fits"] is True and p["device_bytes_needed"] < 2 ** 30
-    for shape in dry_run.gathered_shapes(p["hlo"]):
+    for shape in program_cost.gathered_shapes(p["hlo"]):
         assert not re.search(r"\b(4008|4001)\b", shape), shape
     assert p["collectives"]["all-reduce"]["count"] > 0  # gradients of the replicated backbone
     assert p["flops_per_image"] > 0
@@ -100,12 +100,12 @@ def test_webface12m_plan_never_gathers_the_classifier():
         import re, sys
         sys.path.insert(0, {REPO!r})
         from adaface_jax.train.config_io import load_config
-        from adaface_jax.train import dry_run
+        from adaface_jax.train import dry_run, program_cost
         c = load_config({os.path.join(REPO, "configs", "ir101_webface12m.py")!r})
         c.model.arch = {DRY_RUN_ARCH!r}
         p = dry_run.plan(c, device_memory_gb=80)
         print(dry_run.format_plan(p))
-        big = [s for s in dry_run.gathered_shapes(p["hlo"])
+        big = [s for s in program_cost.gathered_shapes(p["hlo"])
                if any(int(d) >= 617970 for d in re.findall(r"\\d+", s))]
         print("GATHERED_BIG", len(big), big[:3])
         print("AG", p["collectives"]["all-gather"])

@@ -9,7 +9,8 @@ device:
     XLA's ``memory_analysis()`` of the compiled step (arguments, outputs, aliased = donated, peak
     temporaries); the estimate of the device's need is arguments + outputs - aliased + temporaries +
     code;
-  * FLOPs per image: ``cost_analysis()['flops']`` of the per-device program x devices / global batch;
+  * FLOPs per image: ``program_cost.model_flops`` of the step (its convolutions and matrix products) / global
+    batch;
   * bytes moved by collectives per step: every all-gather, all-reduce, reduce-scatter, all-to-all and
     collective-permute of the compiled (partitioned) HLO, counted by the size of its result (per device;
     for ``-start`` async forms the last element of the result tuple, ``-done`` not counted again).
@@ -22,7 +23,6 @@ directory exists, else ``config.num_classes``.
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Optional
 
@@ -32,46 +32,8 @@ import numpy as np
 
 from adaface_jax import parallel
 from adaface_jax.train.loop import read_data_manifest, validate_config
+from adaface_jax.train.program_cost import collective_bytes, model_flops
 from adaface_jax.train.setup import build_trainer, precision
-
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
-_SHAPE = re.compile(r"\b(pred|[subfc]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
-_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start|-done)?\(")
-
-
-def shape_bytes(text: str) -> list[int]:
-    """Byte sizes of every ``dtype[dims]`` in an HLO shape string, in order."""
-    out = []
-    for dtype, dims in _SHAPE.findall(text):
-        n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-        out.append(n * _DTYPE_BYTES.get(dtype, 4))
-    return out
-
-
-def collective_bytes(hlo_text: str) -> dict[str, dict]:
-    """{kind: {'count': ops, 'bytes': result bytes}} of the collectives in a compiled HLO module's text."""
-    stats = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        m = _OP.search(line)
-        if not m:
-            continue
-        result, kind, suffix = m.groups()
-        if suffix == "-done":
-            continue
-        sizes = shape_bytes(result)
-        if not sizes:
-            continue
-        stats[kind]["count"] += 1
-        stats[kind]["bytes"] += sizes[-1] if suffix == "-start" else sum(sizes)
-    return stats
-
-
-def gathered_shapes(hlo_text: str) -> list[str]:
-    """Result shapes of every all-gather in the HLO (to check that the classifier is never gathered)."""
-    return [m.group(1) for line in hlo_text.splitlines() if (m := _OP.search(line)) and m.group(2) == "all-gather"]
-
 
 def _device_bytes(tree) -> int:
     """Bytes one device holds of an abstract pytree (each leaf's shard shape under its sharding)."""
@@ -116,6 +78,7 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
     cpu = mesh.devices.flat[0].platform == "cpu"
     options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True} if cpu else None
     compiled = trainer.step.lower(trainer.state, batch).compile(compiler_options=options)
+    flops_step = model_flops(trainer.step, trainer.state, batch)
     compile_s = time.perf_counter() - t0
 
     state = trainer.state
@@ -128,9 +91,6 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
           ("argument", "output", "alias", "temp", "generated_code")} if mem is not None else {}
     need = (ma.get("argument", 0) + ma.get("output", 0) - ma.get("alias", 0) + ma.get("temp", 0)
             + ma.get("generated_code", 0))
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    flops_dev = float(cost.get("flops", 0.0)) if cost else 0.0
     hlo = compiled.as_text()
     coll = collective_bytes(hlo)
     return {
@@ -140,7 +100,7 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
         "padded_classes": trainer.padded_classes, "kernel_shard_shape": tuple(kernel.sharding.shard_shape(kernel.shape)),
         "kernel_shard_bytes": _device_bytes(kernel), "param_bytes": params_b, "opt_bytes": opt_b,
         "other_state_bytes": other_b, "memory_analysis": ma, "device_bytes_needed": need,
-        "flops_per_device": flops_dev, "flops_per_image": flops_dev * n / b, "collectives": coll,
+        "flops_per_device": flops_step / n, "flops_per_image": flops_step / b, "collectives": coll,
         "collective_bytes": sum(v["bytes"] for v in coll.values()), "compile_s": compile_s,
         "device_memory_gb": device_memory_gb,
         "fits": None if device_memory_gb is None else need <= device_memory_gb * 2 ** 30,
@@ -165,7 +125,7 @@ def format_plan(p: dict) -> str:
         f"donated/aliased {_gb(ma.get('alias', 0))}",
         f"  peak temporaries       {_gb(ma.get('temp', 0))} ({ma.get('temp', 0)} bytes)",
         f"  total needed           {_gb(p['device_bytes_needed'])} ({p['device_bytes_needed']} bytes)",
-        f"compute: {p['flops_per_image'] / 1e9:.3f} GFLOP per image (train step, from XLA cost analysis); "
+        f"compute: {p['flops_per_image'] / 1e9:.3f} GFLOP per image (convolutions and matrix products of the train step); "
         f"{p['flops_per_device'] / 1e12:.4f} TFLOP per device per step",
         f"collectives per step per device: {p['collective_bytes'] / 2 ** 20:.2f} MiB",
     ]
