@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-import harness  # noqa: F401  (the repository and tests/ on sys.path)
+import harness  # the repository and tests/ on sys.path
 from adaface_jax.compile_options import CPU_CONVOLUTIONS  # noqa: E402
 
 
@@ -87,10 +87,10 @@ def torch_step_runner(arch, batch, num_classes):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=["ir_18", "ir_50"])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--num-classes", type=int, default=1000)
-    ap.add_argument("--iters", type=int, default=3, help="steps per side per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=harness.positive_int, default=16)
+    ap.add_argument("--num-classes", type=harness.positive_int, default=1000)
+    ap.add_argument("--iters", type=harness.positive_int, default=3, help="steps per side per round")
+    ap.add_argument("--rounds", type=harness.positive_int, default=3)
     ap.add_argument("--cpu-convolutions", nargs="+", default=list(CPU_CONVOLUTIONS), choices=CPU_CONVOLUTIONS)
     args = ap.parse_args()
     import torch  # noqa: PLC0415

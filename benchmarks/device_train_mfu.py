@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402  (the repository on sys.path; needs nothing beyond the standard library)
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
                     "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0, "L4": 121.0}
@@ -75,15 +76,15 @@ def make_config(arch: str, num_classes: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ir_50")
-    ap.add_argument("--per-chip-batch", type=int, default=128)
-    ap.add_argument("--num-classes", type=int, default=205990)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--per-chip-batch", type=harness.positive_int, default=128)
+    ap.add_argument("--num-classes", type=harness.positive_int, default=205990)
+    ap.add_argument("--steps", type=harness.positive_int, default=20)
+    ap.add_argument("--warmup", type=harness.positive_int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s per chip in TFLOP/s")
     ap.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--float32", action="store_true", help="same as --precision float32")
-    ap.add_argument("--width", type=int, default=64, help="first-stage channels (64 = the released models)")
-    ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--width", type=harness.positive_int, default=64, help="first-stage channels (64 = the released models)")
+    ap.add_argument("--image-size", type=harness.positive_int, default=112)
     ap.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
     ap.add_argument("--forward", action="store_true", help="also time the eval-mode forward pass")
     ap.add_argument("--flops-only", action="store_true",
@@ -95,6 +96,7 @@ def main(argv=None):
     import jax  # noqa: PLC0415
 
     from adaface_jax import parallel  # noqa: PLC0415
+    from adaface_jax.errors import ConfigError  # noqa: PLC0415
     from adaface_jax.train.program_cost import model_flops  # noqa: PLC0415
     from adaface_jax.train.setup import build_trainer  # noqa: PLC0415
 
@@ -108,17 +110,20 @@ def main(argv=None):
     config.model.width = args.width
     config.data.image_size = args.image_size
     config.head.sample_rate = args.sample_rate
+    try:
+        trainer = build_trainer(config, mesh, steps_per_epoch=1000, abstract=args.flops_only)
+    except ConfigError as e:
+        ap.error(str(e))
     if args.flops_only:
-        trainer = build_trainer(config, mesh, steps_per_epoch=1000, abstract=True)
         bs = parallel.batch_sharding(mesh)
         shape = (global_batch, args.image_size, args.image_size, 3)
-        flops = model_flops(trainer.step, trainer.state, {"image": jax.ShapeDtypeStruct(shape, np.float32, sharding=bs),
-                                                          "label": jax.ShapeDtypeStruct(shape[:1], np.int32, sharding=bs)})
+        abstract_batch = {"image": jax.ShapeDtypeStruct(shape, np.float32, sharding=bs),
+                          "label": jax.ShapeDtypeStruct(shape[:1], np.int32, sharding=bs)}
+        flops = model_flops(trainer.step, trainer.state, abstract_batch)
         print(f"{args.arch} {precision}; {args.num_classes} classes; global batch {global_batch}; sample rate "
               f"{args.sample_rate:g}: model FLOPs/step {flops / 1e12:.3f} TFLOP ({flops / global_batch / 1e9:.2f} "
               f"GFLOP/image)")
         return 0
-    trainer = build_trainer(config, mesh, steps_per_epoch=1000)
     state, size = trainer.state, args.image_size
     rs = np.random.RandomState(jax.process_index())
     local = global_batch // jax.process_count()
@@ -129,10 +134,10 @@ def main(argv=None):
     compile_s = time.perf_counter() - t
     flops_step = model_flops(trainer.step, state, batch)
 
-    first_loss = None
+    warmup_losses = []
     for _ in range(args.warmup):
         state, m = compiled(state, batch)
-        first_loss = float(m["loss"]) if first_loss is None else first_loss
+        warmup_losses.append(m["loss"])
     jax.block_until_ready(m)
     t = time.perf_counter()
     for _ in range(args.steps):
@@ -143,9 +148,9 @@ def main(argv=None):
     peak = args.peak_tflops or peak_tflops(kind)
     print(f"device {kind} x{chips}; {args.arch} {precision}; {args.num_classes} classes (padded "
           f"{trainer.padded_classes}); global batch {global_batch}; sample rate {args.sample_rate:g}; config {source}")
-    # The same batch every step: the loss falls as the step fits it (a sign the step trains).
-    loss_from = f"{first_loss:.3f} -> " if first_loss is not None else ""
-    print(f"compile {compile_s:.1f} s; step {dt * 1e3:.1f} ms; loss {loss_from}{float(m['loss']):.3f}")
+    # The same batch every step: the loss falls from the first step's as the step fits it (it trains).
+    print(f"compile {compile_s:.1f} s; step {dt * 1e3:.1f} ms; loss {float(warmup_losses[0]):.3f} -> "
+          f"{float(m['loss']):.3f}")
     print(f"images/s total {global_batch / dt:.1f}; per chip {global_batch / dt / chips:.1f}")
     print(f"model FLOPs/step {flops_step / 1e12:.3f} TFLOP ({flops_step / global_batch / 1e9:.2f} GFLOP/image)")
     if peak:

@@ -2,6 +2,7 @@
 and the timers, which run once to warm up (compile) before they measure."""
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -11,6 +12,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is argparse's one-line usage error, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def timed(fn, iters: int) -> float:

@@ -78,8 +78,8 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
     cpu = mesh.devices.flat[0].platform == "cpu"
     options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True} if cpu else None
     compiled = trainer.step.lower(trainer.state, batch).compile(compiler_options=options)
-    flops_step = model_flops(trainer.step, trainer.state, batch)
     compile_s = time.perf_counter() - t0
+    flops_step = model_flops(trainer.step, trainer.state, batch)
 
     state = trainer.state
     kernel = state.params["head"]["kernel"]
@@ -125,7 +125,8 @@ def format_plan(p: dict) -> str:
         f"donated/aliased {_gb(ma.get('alias', 0))}",
         f"  peak temporaries       {_gb(ma.get('temp', 0))} ({ma.get('temp', 0)} bytes)",
         f"  total needed           {_gb(p['device_bytes_needed'])} ({p['device_bytes_needed']} bytes)",
-        f"compute: {p['flops_per_image'] / 1e9:.3f} GFLOP per image (convolutions and matrix products of the train step); "
+        f"compute: {p['flops_per_image'] / 1e9:.3f} GFLOP per image "
+        "(convolutions and matrix products of the train step); "
         f"{p['flops_per_device'] / 1e12:.4f} TFLOP per device per step",
         f"collectives per step per device: {p['collective_bytes'] / 2 ** 20:.2f} MiB",
     ]
