@@ -14,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from harness import timed_median  # (also puts the repository on sys.path)
+from harness import positive_int, timed_median  # (also puts the repository on sys.path)
 
 # (input H = W, C_in, C_out, kernel, stride): the stem, each stage's first block (3x3 stride 2 and the 1x1
 # stride-2 shortcut) and its repeated 3x3 convolutions.
@@ -31,8 +31,8 @@ def median_ms(fn, iters):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--batch", type=positive_int, default=16)
+    ap.add_argument("--iters", type=positive_int, default=5)
     args = ap.parse_args(argv)
 
     import jax

@@ -14,16 +14,16 @@ import argparse
 
 import numpy as np
 
-from harness import timed
+from harness import positive_int, timed
 from adaface_jax.compile_options import CPU_CONVOLUTIONS
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="ir_18")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--iters", type=positive_int, default=5)
+    p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--cpu-convolutions", nargs="+", default=list(CPU_CONVOLUTIONS), choices=CPU_CONVOLUTIONS)
     args = p.parse_args(argv)

@@ -392,6 +392,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     metrics_log = MetricsLog(workdir)
     evaluators = build_evaluators(config)
     model_eval = trainer.eval_model  # eval: running statistics, no groups
+    cpu_convolutions = resolve_cpu_convolutions(config)  # the validation forward's, as the step's
 
     start = int(jax.device_get(state.step))
     if start == 0 and config.sample_grid and config.data.source == "tfrecord" and jax.process_index() == 0:
@@ -451,8 +452,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                    if epoch_end and (epoch + 1) % spec.every_epochs == 0}
             if "verification" in due:
                 evaluator, spec = due["verification"]
-                embed_fn = make_embed_fn(model_eval, state, mesh, spec.batch_size,
-                                         cpu_convolutions=resolve_cpu_convolutions(config))
+                embed_fn = make_embed_fn(model_eval, state, mesh, spec.batch_size, cpu_convolutions=cpu_convolutions)
                 val = verification_metrics(evaluator.run(embed_fn))
                 metrics_log.write(step, val)
                 last.update(val)
