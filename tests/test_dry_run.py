@@ -85,6 +85,12 @@ def test_cli_dry_run_on_simulated_devices_and_config_errors():
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "adaface-jax train: error: config.head.sample_rate=1.5: expected 0 < sample_rate <= 1"]
+    # The plan compiles XLA's default program, but a bad CPU convolution choice is refused as the run would.
+    r = subprocess.run(base + ["--config.cpu_convolutions=onednn"], capture_output=True, text=True, env=_env(),
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "adaface-jax train: error: config.cpu_convolutions='onednn': expected one of ('eigen', 'xla_default')"]
 
 
 # The WebFace12M recipe (ir_101, 617,970 classes, global batch 512) on 8 devices: a 5-minute compile on the

@@ -33,7 +33,7 @@ import numpy as np
 from adaface_jax import parallel
 from adaface_jax.train.loop import read_data_manifest, validate_config
 from adaface_jax.train.program_cost import collective_bytes, model_flops
-from adaface_jax.train.setup import build_trainer, precision
+from adaface_jax.train.setup import build_trainer, precision, resolve_cpu_convolutions
 
 def _device_bytes(tree) -> int:
     """Bytes one device holds of an abstract pytree (each leaf's shard shape under its sharding)."""
@@ -64,7 +64,9 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
     n = mesh.devices.size
     num_classes, source = class_count(config)
     config.num_classes = num_classes
-    # Plan the accelerator program: XLA's default kernels, without the CPU-only convolution choice.
+    # Plan the accelerator program: XLA's default kernels, without the CPU-only convolution choice (a bad
+    # value is still refused, as the run itself would refuse it).
+    resolve_cpu_convolutions(config)
     config.cpu_convolutions = "xla_default"
     validate_config(config, n, None)
     trainer = build_trainer(config, mesh, steps_per_epoch=1000, abstract=True)
