@@ -11,6 +11,13 @@ fusions (``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``), so XLA runs the convol
 YNNPACK only the dots is slower: the BatchNorm reductions become ``reduce-window`` loops). ``'xla_default'``
 compiles with XLA's defaults. Accelerators get no options: the choice is a CPU one.
 
+With ``'eigen'`` the trainer builder also builds the backbone with ``cpu_backward`` (``cpu_backward``
+below): two rewrites of the backward pass for the same kernels, each a plain convolution or a short
+reduction where autodiff's form is slow on XLA:CPU. Strided convolutions' input gradients go one stride
+phase at a time (``adaface_jax/models/conv.py``): Eigen has no kernel for autodiff's zero-dilated
+convolution and XLA runs it with a generic loop. BatchNorm takes its closed-form gradient
+(``adaface_jax/models/layers.py``). Together +23% images/s for the ir_50 step (batch 16, 2 cores).
+
 One home for the choice: the trainer builder (``config.cpu_convolutions``), the feature extractor and the
 study's probes ask ``compiler_options`` for the dict to pass to ``jax.jit``.
 """
@@ -45,3 +52,10 @@ def compiler_options(cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS,
     if platform != "cpu" or cpu_convolutions == "xla_default":
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
+
+
+def cpu_backward(cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS, platform: Optional[str] = None) -> bool:
+    """Whether the backbone is built with its CPU backward rewrites (``IResNet.cpu_backward``): on the CPU
+    backend with ``'eigen'``; ``'xla_default'`` and accelerators keep autodiff's backward."""
+    check_cpu_convolutions(cpu_convolutions)
+    return (platform or jax.default_backend()) == "cpu" and cpu_convolutions == "eigen"

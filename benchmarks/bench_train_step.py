@@ -4,9 +4,11 @@
 
 Both sides run one full step (train-mode backbone, AdaFace head, cross-entropy, backward, SGD with
 the original's parameter groups) in float32 on the CPU. The JAX step is the trainer builder's, once per
-``--cpu-convolutions`` choice (``config.cpu_convolutions``: XLA's Eigen convolution kernels, the default,
-and XLA's default YNNPACK ones). Every side is compiled and warmed up first; then ``--rounds`` rounds each
-time ``--iters`` steps of every side in turn, so a slow patch of a shared machine hits all sides alike.
+``--cpu-convolutions`` choice (``config.cpu_convolutions``: XLA's Eigen convolution kernels with the
+backbone's CPU backward rewrites, the default, and XLA's default YNNPACK kernels with autodiff's
+backward); ``--autodiff-backward`` adds the Eigen side without the rewrites (``IResNet.cpu_backward`` off).
+Every side is compiled and warmed up first; then ``--rounds`` rounds each time ``--iters`` steps of every
+side in turn, so a slow patch of a shared machine hits all sides alike.
 Printed: the median images/s of each side and its ratio to PyTorch's median; nothing is asserted. The JAX
 step runs on a mesh over the local devices (1 CPU device unless XLA_FLAGS asks for more); PyTorch uses its
 default intra-op threads.
@@ -22,7 +24,7 @@ import harness  # the repository and tests/ on sys.path
 from adaface_jax.compile_options import CPU_CONVOLUTIONS  # noqa: E402
 
 
-def jax_step_runner(arch, batch, num_classes, cpu_convolutions):
+def jax_step_runner(arch, batch, num_classes, cpu_convolutions, cpu_backward=None):
     """(run(iters) -> seconds, compile seconds) for the recipe's step through the trainer builder."""
     import jax  # noqa: PLC0415
 
@@ -34,7 +36,7 @@ def jax_step_runner(arch, batch, num_classes, cpu_convolutions):
     config.precision = "float32"
     config.cpu_convolutions = cpu_convolutions
     mesh = parallel.make_mesh(jax.local_devices())
-    trainer = build_trainer(config, mesh, steps_per_epoch=100)
+    trainer = build_trainer(config, mesh, steps_per_epoch=100, cpu_backward=cpu_backward)
     holder = {"state": trainer.state}
     rs = np.random.RandomState(0)
     data = parallel.host_to_global({"image": rs.uniform(-1, 1, (batch, 112, 112, 3)).astype(np.float32),
@@ -92,16 +94,20 @@ def main():
     ap.add_argument("--iters", type=harness.positive_int, default=3, help="steps per side per round")
     ap.add_argument("--rounds", type=harness.positive_int, default=3)
     ap.add_argument("--cpu-convolutions", nargs="+", default=list(CPU_CONVOLUTIONS), choices=CPU_CONVOLUTIONS)
+    ap.add_argument("--autodiff-backward", action="store_true",
+                    help="also time the Eigen step with autodiff's backward (no CPU backward rewrites)")
     args = ap.parse_args()
     import torch  # noqa: PLC0415
     print(f"batch {args.batch}, {args.num_classes} classes, float32, CPU; torch threads {torch.get_num_threads()}; "
           f"{args.rounds} rounds of {args.iters} steps per side, medians")
-    print(f"{'arch':8s} {'side':22s} {'img/s':>8s} {'per round':>24s} {'vs torch':>9s} {'compile s':>10s}")
+    print(f"{'arch':8s} {'side':30s} {'img/s':>8s} {'per round':>24s} {'vs torch':>9s} {'compile s':>10s}")
+    jax_sides = [(f"jax {choice}", choice, None) for choice in args.cpu_convolutions]
+    if args.autodiff_backward:
+        jax_sides.append(("jax eigen, autodiff backward", "eigen", False))
     for arch in args.archs:
         sides = {}
-        for choice in args.cpu_convolutions:
-            run, compile_s = jax_step_runner(arch, args.batch, args.num_classes, choice)
-            sides[f"jax {choice}"] = (run, compile_s)
+        for name, choice, cpu_backward in jax_sides:
+            sides[name] = jax_step_runner(arch, args.batch, args.num_classes, choice, cpu_backward)
         sides["torch (original-style)"] = (torch_step_runner(arch, args.batch, args.num_classes), float("nan"))
         rates = {name: [] for name in sides}
         for _ in range(args.rounds):
@@ -111,7 +117,7 @@ def main():
         for name, (_, compile_s) in sides.items():
             med = float(np.median(rates[name]))
             per = " ".join(f"{r:.2f}" for r in rates[name])
-            print(f"{arch:8s} {name:22s} {med:8.2f} {per:>24s} {med / base:8.2f}x {compile_s:10.1f}", flush=True)
+            print(f"{arch:8s} {name:30s} {med:8.2f} {per:>24s} {med / base:8.2f}x {compile_s:10.1f}", flush=True)
 
 
 if __name__ == "__main__":

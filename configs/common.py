@@ -29,7 +29,9 @@ def get_base_config(arch: str = "ir_50", num_classes: int = 85742, data_dir: str
     c.progress = True
     c.sample_grid = True
     c.debug_step_delay_s = 0.0   # sleep after each step: only for tests that interrupt a run
-    c.cpu_convolutions = "eigen"  # CPU backend only: XLA's Eigen convolution kernels, or 'xla_default' (YNNPACK)
+    # CPU backend only: XLA's Eigen convolution kernels and the backbone's CPU backward rewrites, or
+    # 'xla_default' (YNNPACK kernels, autodiff's backward)
+    c.cpu_convolutions = "eigen"
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = arch

@@ -1,7 +1,8 @@
 """``config.cpu_convolutions`` (``adaface_jax.compile_options``): on the CPU backend the compiled train step and
 the feature extractor run their convolutions with XLA's Eigen kernels instead of YNNPACK fusions, keep every
-other YNNPACK fusion, and compute the same numbers: the forward against the PyTorch reference and every
-parameter gradient of a train-mode ir_18 against PyTorch's autograd (closer than XLA's default kernels)."""
+other YNNPACK fusion, the train step's backbone takes its CPU backward rewrites (``cpu_backward``), and all
+compute the same numbers: the forward against the PyTorch reference and every parameter gradient of a
+train-mode ir_18 against PyTorch's autograd (closer than XLA's default kernels)."""
 import re
 
 import jax
@@ -14,7 +15,7 @@ from adaface_jax import compile_options, parallel
 from adaface_jax.convert.convert import state_dict_to_variables
 from adaface_jax.errors import ConfigError
 from adaface_jax.features import make_embed_fn
-from adaface_jax.models import build_model
+from adaface_jax.models import build_model, unit_strides
 from adaface_jax.train.setup import build_trainer
 from configs.common import get_base_config
 from torch_reference import build_backbone as torch_backbone, randomize_
@@ -45,7 +46,9 @@ def test_choice_resolution_and_config_error():
     assert str(e.value) == "config.cpu_convolutions='onednn': expected one of ('eigen', 'xla_default')"
 
 
-def _step_hlo(choice: str) -> str:
+def _step_hlo(choice: str, options_of: str = None) -> str:
+    """The compiled ir_18 train step of the trainer built with ``choice``; ``options_of``: compiled with
+    that choice's compiler options instead (the same model and backward, other kernels)."""
     c = get_base_config(arch="ir_18", num_classes=16)
     c.model.width = 8
     c.precision = "float32"
@@ -55,19 +58,43 @@ def _step_hlo(choice: str) -> str:
     bs = parallel.batch_sharding(tr.mesh)
     batch = {"image": jax.ShapeDtypeStruct((8, 112, 112, 3), jnp.float32, sharding=bs),
              "label": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=bs)}
-    return tr.step.lower(tr.state, batch).compile().as_text()
+    lowered = tr.step.lower(tr.state, batch)
+    if options_of is None:
+        return lowered.compile().as_text()
+    return lowered.compile(compiler_options=compile_options.compiler_options(options_of) or {}).as_text()
+
+
+def _dilated_convolutions(hlo_text: str) -> int:
+    """Convolutions over a zero-dilated input: autodiff's input gradient of a strided convolution."""
+    return sum(" convolution(" in line and "lhs_dilate" in line for line in hlo_text.splitlines())
 
 
 def test_compiled_step_uses_eigen_convolutions_and_keeps_other_ynn_fusions():
-    """On 8 simulated CPU devices: with 'eigen' no convolution is left in a YNNPACK fusion and every
-    YNNPACK dot/reduction fusion of XLA's default program is still there; 'xla_default' is XLA's program."""
-    eigen, default = ynn_fusions(_step_hlo("eigen")), ynn_fusions(_step_hlo("xla_default"))
+    """On 8 simulated CPU devices, the same step (autodiff's backward) compiled with 'eigen''s options: no
+    convolution is left in a YNNPACK fusion and every YNNPACK dot/reduction fusion of XLA's default program
+    is still there."""
+    eigen, default = ynn_fusions(_step_hlo("xla_default", "eigen")), ynn_fusions(_step_hlo("xla_default"))
     # ir_18: 21 convolutions forward, and in the backward a weight gradient for each and an input gradient for
     # all but the first; XLA's default puts most of them in YNNPACK fusions (not the dilated ones)
     total = default["convolution"] + default["plain_convolution"]
     assert default["convolution"] >= 20 and total >= 3 * 21 - 1 - 4, default
     assert eigen["convolution"] == 0 and eigen["plain_convolution"] == total, (eigen, default)
     assert eigen["other"] == default["other"] > 0, (eigen, default)
+
+
+def test_eigen_step_splits_strided_input_gradients_by_phase():
+    """The trainer's 'eigen' step (``cpu_backward``) has no zero-dilated convolution left: each strided
+    convolution's input gradient is one plain convolution per stride phase a kernel tap reaches (4 for a 3x3
+    kernel at stride 2; a 1x1 kernel's one phase is a matrix product, which XLA compiles as a dot), and no
+    convolution is in a YNNPACK fusion."""
+    default_text, eigen_text = _step_hlo("xla_default"), _step_hlo("eigen")
+    default, eigen = ynn_fusions(default_text), ynn_fusions(eigen_text)
+    strided = [(cin, depth) for cin, depth, stride in unit_strides(18, 8) if stride == 2]
+    n3, n1 = len(strided), sum(cin != depth for cin, depth in strided)  # 3x3 convs, 1x1 shortcut convs
+    assert _dilated_convolutions(default_text) == n3 + n1 == 7
+    assert _dilated_convolutions(eigen_text) == 0 and eigen["convolution"] == 0, eigen
+    total = default["convolution"] + default["plain_convolution"]
+    assert eigen["plain_convolution"] == total - (n3 + n1) + 4 * n3, (eigen, default)
 
 
 def test_feature_extractor_uses_the_choice():
@@ -105,10 +132,11 @@ def test_ir_18_forward_and_gradients_match_pytorch():
                 dict(tm.named_parameters(), **{n: b for n, b in tm.named_buffers()}).items()}
     want = state_dict_to_variables({"model." + k: v.detach() for k, v in grads_sd.items()})[2]["params"]
 
-    model = build_model("ir_18", dropout_rate=0.0)
+    models = {False: build_model("ir_18", dropout_rate=0.0), True: build_model("ir_18", dropout_rate=0.0,
+                                                                             cpu_backward=True)}
 
-    def loss(params):
-        (e, n), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+    def loss(params, cpu_backward=False):
+        (e, n), _ = models[cpu_backward].apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
                                 mutable=["batch_stats"])
         return jnp.sum(e * probe) + 0.01 * jnp.sum(n)
 
@@ -123,8 +151,12 @@ def test_ir_18_forward_and_gradients_match_pytorch():
     for choice in compile_options.CPU_CONVOLUTIONS:
         options = compile_options.compiler_options(choice)
         grads[choice] = jax.jit(jax.grad(loss), compiler_options=options)(variables["params"])
-        embs[choice] = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[0],
+        embs[choice] = np.asarray(jax.jit(lambda v, x: models[False].apply(v, x, train=False)[0],
                                           compiler_options=options)(variables, x))
+    # What the trainer compiles on the CPU by default: Eigen kernels and the backward rewrites.
+    grads["eigen+cpu_backward"] = jax.jit(jax.grad(lambda p: loss(p, True)),
+                                          compiler_options=compile_options.compiler_options("eigen"))(
+        variables["params"])
     emb_err = {c: float(np.abs(e - want_emb).max()) for c, e in embs.items()}
     errors = {c: worst(g, want) for c, g in grads.items()}
     between = worst(grads["eigen"], grads["xla_default"])
@@ -134,6 +166,6 @@ def test_ir_18_forward_and_gradients_match_pytorch():
     # Measured: eigen 9.7e-5 from torch, xla_default 9.8e-3. YNNPACK's weight gradients at high resolution
     # carry ~10x the float32 rounding error of Eigen's (5e-6 vs 4e-7 relative against float64 for one 56x56
     # layer), and a batch of 4 through train-mode BatchNorm amplifies it.
-    assert errors["eigen"] <= 1e-3, errors
+    assert errors["eigen"] <= 1e-3 and errors["eigen+cpu_backward"] <= 1e-3, errors
     assert errors["xla_default"] <= 3e-2, errors
     assert 0 < between <= 3e-2, between   # different kernels: not bitwise equal

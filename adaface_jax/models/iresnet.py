@@ -15,6 +15,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 from flax import linen as nn
 
+from adaface_jax.models.conv import conv_general_dilated_phase_grad
 from adaface_jax.models.layers import BatchNorm, PReLU, SEModule, conv_kernel_init_torch_fan_out
 
 
@@ -66,15 +67,17 @@ class _Common(nn.Module):
     bn_groups: int = 1
     axis_name: Optional[str] = None
     dtype: Any = jnp.float32
+    cpu_backward: bool = False
 
     def conv(self, features, kernel, stride, name, padding):
+        op = conv_general_dilated_phase_grad if self.cpu_backward and stride > 1 else None
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=False,
                        kernel_init=conv_kernel_init_torch_fan_out(), dtype=self.dtype, param_dtype=jnp.float32,
-                       name=name)
+                       name=name, **({"conv_general_dilated": op} if op else {}))
 
     def bn(self, name, train):
         return BatchNorm(use_running_average=not train, num_groups=self.bn_groups, axis_name=self.axis_name,
-                         dtype=self.dtype, name=name)
+                         dtype=self.dtype, closed_form_backward=self.cpu_backward, name=name)
 
     def shortcut(self, x, train):
         if self.in_channel == self.depth:
@@ -138,6 +141,10 @@ class IResNet(nn.Module):
       bn_groups: 1 = statistics over the whole (global) batch; k = per-group statistics, the
         per-device behaviour of the original when k equals the number of devices.
       axis_name: named axis to synchronise BatchNorm over inside ``shard_map``/``pmap``.
+      cpu_backward: the backward rewrites XLA:CPU runs faster -- the input gradient of strided convolutions
+        one stride phase at a time (``models/conv.py``) and BatchNorm's closed-form gradient
+        (``layers.batch_norm_closed_form``). The same parameters and outputs, the same gradients up to float
+        rounding; the trainer builder turns it on with ``config.cpu_convolutions='eigen'`` on the CPU.
     """
 
     num_layers: int = 50
@@ -149,6 +156,7 @@ class IResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_groups: int = 1
     axis_name: Optional[str] = None
+    cpu_backward: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -156,8 +164,10 @@ class IResNet(nn.Module):
             raise ValueError(f"IResNet expects NHWC BGR images of shape (N, {self.input_size}, "
                              f"{self.input_size}, 3), got {tuple(x.shape)}")
         ura = not train
-        common = dict(bn_groups=self.bn_groups, axis_name=self.axis_name, dtype=self.dtype)
-        bn_kw = dict(num_groups=self.bn_groups, axis_name=self.axis_name, dtype=self.dtype)
+        common = dict(bn_groups=self.bn_groups, axis_name=self.axis_name, dtype=self.dtype,
+                      cpu_backward=self.cpu_backward)
+        bn_kw = dict(num_groups=self.bn_groups, axis_name=self.axis_name, dtype=self.dtype,
+                     closed_form_backward=self.cpu_backward)
         x = x.astype(self.dtype)
         x = nn.Conv(self.width, (3, 3), padding=PAD1, use_bias=False, kernel_init=conv_kernel_init_torch_fan_out(),
                     dtype=self.dtype, param_dtype=jnp.float32, name="input_layer_0")(x)

@@ -64,8 +64,8 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
     n = mesh.devices.size
     num_classes, source = class_count(config)
     config.num_classes = num_classes
-    # Plan the accelerator program: XLA's default kernels, without the CPU-only convolution choice (a bad
-    # value is still refused, as the run itself would refuse it).
+    # Plan the accelerator program: XLA's default kernels and autodiff's backward, without the CPU-only
+    # convolution choice and its backward rewrites (a bad value is still refused, as the run would refuse it).
     resolve_cpu_convolutions(config)
     config.cpu_convolutions = "xla_default"
     validate_config(config, n, None)

@@ -92,13 +92,15 @@ def stat_groups(config, num_devices: int) -> int:
     return num_devices if config.per_device_stats else 1
 
 
-def build_backbone(config, num_devices: int = 1, *, groups: Optional[int] = None):
-    """The backbone of ``config.model``; ``groups`` defaults to ``stat_groups(config, num_devices)``."""
+def build_backbone(config, num_devices: int = 1, *, groups: Optional[int] = None, cpu_backward: bool = False):
+    """The backbone of ``config.model``; ``groups`` defaults to ``stat_groups(config, num_devices)``;
+    ``cpu_backward``: the IResNet's backward rewrites for XLA:CPU (``compile_options.cpu_backward``)."""
     groups = groups or stat_groups(config, num_devices)
     m = config.model
     kwargs = dict(dtype=compute_dtype(config), bn_groups=groups, embedding_size=m.embedding_size)
     if m.arch != "tiny":
-        kwargs.update(dropout_rate=m.dropout_rate, width=m.get("width", 64), input_size=config.data.image_size)
+        kwargs.update(dropout_rate=m.dropout_rate, width=m.get("width", 64), input_size=config.data.image_size,
+                      cpu_backward=cpu_backward)
     try:
         model = build_model(m.arch, **kwargs)
         if m.arch != "tiny":
@@ -151,22 +153,26 @@ def step_config(config, mesh: Mesh, schedule=None, groups: Optional[int] = None)
 
 def build_trainer(config, mesh: Optional[Mesh] = None, *, steps_per_epoch: int,
                   padded_classes: Optional[int] = None, groups: Optional[int] = None,
-                  abstract: bool = False) -> Trainer:
+                  abstract: bool = False, cpu_backward: Optional[bool] = None) -> Trainer:
     """Everything a training run compiles, for ``config`` on ``mesh`` (default: every device).
 
     ``steps_per_epoch`` sets the LR schedule's epochs; ``padded_classes`` overrides the kernel width
     (a resumed run keeps the one its checkpoint was written with); ``groups`` overrides the
     statistics groups (e.g. an 8-GPU per-device run reproduced on fewer devices); ``abstract``: the
     state is shapes and shardings only (``trainer.step.lower(state, batch).compile()`` allocates nothing
-    big)."""
+    big); ``cpu_backward`` overrides whether the backbone takes its CPU backward rewrites (default: as
+    ``compile_options.cpu_backward`` chooses for the config and the mesh's platform)."""
     mesh = mesh if mesh is not None else parallel.make_mesh()
     ndev = mesh.devices.size
     groups = groups or stat_groups(config, ndev)
     padded = padded_classes or parallel.padded_num_classes(config.num_classes, ndev)
     schedule = make_schedule(config, steps_per_epoch)
-    model = build_backbone(config, ndev, groups=groups)
+    cpu_convolutions, platform = resolve_cpu_convolutions(config), mesh.devices.flat[0].platform
+    if cpu_backward is None:
+        cpu_backward = compile_options.cpu_backward(cpu_convolutions, platform)
+    model = build_backbone(config, ndev, groups=groups, cpu_backward=cpu_backward)
     cfg = step_config(config, mesh, schedule, groups)  # checks the config before anything is traced
-    options = compile_options.compiler_options(resolve_cpu_convolutions(config), mesh.devices.flat[0].platform)
+    options = compile_options.compiler_options(cpu_convolutions, platform)
     state, shardings = init_state(config, model, mesh, schedule, padded, abstract=abstract)
     step = parallel.jit_sharded(make_train_step(model, cfg), mesh, shardings, compiler_options=options)
     return Trainer(mesh=mesh, model=model, eval_model=build_backbone(config, 1), state=state, shardings=shardings,
