@@ -16,7 +16,8 @@ below): two rewrites of the backward pass for the same kernels, each a plain con
 reduction where autodiff's form is slow on XLA:CPU. Strided convolutions' input gradients go one stride
 phase at a time (``adaface_jax/models/conv.py``): Eigen has no kernel for autodiff's zero-dilated
 convolution and XLA runs it with a generic loop. BatchNorm takes its closed-form gradient
-(``adaface_jax/models/layers.py``). Together +23% images/s for the ir_50 step (batch 16, 2 cores).
+(``adaface_jax/models/layers.py``). ``benchmarks/bench_train_step.py --autodiff-backward`` times the step
+with and without them.
 
 One home for the choice: the trainer builder (``config.cpu_convolutions``), the feature extractor and the
 study's probes ask ``compiler_options`` for the dict to pass to ``jax.jit``.

@@ -4,7 +4,7 @@ into stride phases: the faster way to train on XLA:CPU.
 Autodiff writes the input gradient of a stride-s convolution as a convolution over the output gradient
 dilated with s-1 zeros between its pixels (an ``lhs_dilation``). XLA:CPU's Eigen kernels have no dilated
 input, so XLA runs it with its generic loop, over s*s times the positions, three quarters of them zeros
-at stride 2: 0.2-0.3 s of a 4 s ir_50 step (batch 16, 2 CPU cores), for 7 of its 52 convolutions.
+at stride 2 (7 of the 52 convolutions of ir_50).
 
 Split by phase instead. With ``x_pad`` the padded input, y[o] = sum_k x_pad[s*o + k] w[k] on each spatial
 axis, so the gradient at padded position p = s*q + r (0 <= r < s) is

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 from adaface_jax.models.conv import conv_general_dilated_phase_grad
 from adaface_jax.models.layers import BatchNorm, PReLU, SEModule, conv_kernel_init_torch_fan_out
@@ -70,10 +71,10 @@ class _Common(nn.Module):
     cpu_backward: bool = False
 
     def conv(self, features, kernel, stride, name, padding):
-        op = conv_general_dilated_phase_grad if self.cpu_backward and stride > 1 else None
+        op = conv_general_dilated_phase_grad if self.cpu_backward and stride > 1 else lax.conv_general_dilated
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=False,
                        kernel_init=conv_kernel_init_torch_fan_out(), dtype=self.dtype, param_dtype=jnp.float32,
-                       name=name, **({"conv_general_dilated": op} if op else {}))
+                       conv_general_dilated=op, name=name)
 
     def bn(self, name, train):
         return BatchNorm(use_running_average=not train, num_groups=self.bn_groups, axis_name=self.axis_name,

@@ -80,12 +80,14 @@ class BatchNorm(nn.Module):
             y, mean, var = batch_norm_closed_form(x, ones if scale is None else scale,
                                                   jnp.zeros_like(ones) if bias is None else bias,
                                                   self.num_groups, self.epsilon, out_dtype)
-            count = x.size // (features * self.num_groups)
         else:
-            y, mean, var, count = _batch_norm_autodiff(x, scale, bias, self.num_groups, self.epsilon,
-                                                       self.axis_name, out_dtype)
+            y, mean, var = _batch_norm_autodiff(x, scale, bias, self.num_groups, self.epsilon, self.axis_name,
+                                                out_dtype)
         if not self.is_initializing():
             # Running statistics follow group 0; they are not differentiated.
+            count = x.size // (features * self.num_groups)  # values per channel in one group's statistics
+            if self.axis_name is not None:
+                count *= jax.lax.psum(1, self.axis_name)
             mean0, var0 = jax.lax.stop_gradient(mean[0]), jax.lax.stop_gradient(var[0])
             unbiased = var0 * (count / jnp.maximum(count - 1, 1))
             ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean0
@@ -99,10 +101,12 @@ def _grouped(x32, num_groups):
     return xg, tuple(range(1, xg.ndim - 1))
 
 
-def _batch_moments(xg, axes):
-    mean = jnp.mean(xg, axis=axes, keepdims=True)
+def _batch_moments(xg, axes, axis_name=None):
+    """Per-group mean and biased variance; averaged over ``axis_name`` inside ``shard_map``/``pmap``."""
+    reduce = (lambda v: v) if axis_name is None else (lambda v: jax.lax.pmean(v, axis_name))
+    mean = reduce(jnp.mean(xg, axis=axes, keepdims=True))
     # Two-pass variance (as PyTorch) rather than E[x^2]-E[x]^2, which loses precision.
-    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    var = reduce(jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True))
     return mean, var
 
 
@@ -112,20 +116,12 @@ def _affine(y, scale, bias):
 
 
 def _batch_norm_autodiff(x, scale, bias, num_groups, eps, axis_name, out_dtype):
-    """Train-mode BatchNorm differentiated by autodiff -> (y, mean (G, C), biased var (G, C), count)."""
+    """Train-mode BatchNorm differentiated by autodiff -> (y, mean (G, C), biased var (G, C))."""
     xg, axes = _grouped(x.astype(jnp.float32), num_groups)
-    count = 1
-    for a in axes:
-        count *= xg.shape[a]
-    if axis_name is None:
-        mean, var = _batch_moments(xg, axes)
-    else:
-        mean = jax.lax.pmean(jnp.mean(xg, axis=axes, keepdims=True), axis_name)
-        var = jax.lax.pmean(jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True), axis_name)
-        count *= jax.lax.psum(1, axis_name)
+    mean, var = _batch_moments(xg, axes, axis_name)
     y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
     c = x.shape[-1]
-    return _affine(y, scale, bias).astype(out_dtype), mean.reshape(num_groups, c), var.reshape(num_groups, c), count
+    return _affine(y, scale, bias).astype(out_dtype), mean.reshape(num_groups, c), var.reshape(num_groups, c)
 
 
 def _bn_forward(x, scale, bias, num_groups, eps, out_dtype):
@@ -153,10 +149,6 @@ def batch_norm_closed_form(x, scale, bias, num_groups, eps, out_dtype):
     return _bn_forward(x, scale, bias, num_groups, eps, out_dtype)[0]
 
 
-def _bn_fwd(x, scale, bias, num_groups, eps, out_dtype):
-    return _bn_forward(x, scale, bias, num_groups, eps, out_dtype)
-
-
 def _bn_bwd(num_groups, eps, out_dtype, residuals, cotangents):
     x, mean, rstd, scale = residuals
     dy = cotangents[0]
@@ -172,7 +164,7 @@ def _bn_bwd(num_groups, eps, out_dtype, residuals, cotangents):
             sum_dy.reshape(num_groups, c).sum(0))
 
 
-batch_norm_closed_form.defvjp(_bn_fwd, _bn_bwd)
+batch_norm_closed_form.defvjp(_bn_forward, _bn_bwd)
 
 
 class SEModule(nn.Module):
