@@ -14,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from harness import positive_int, timed_median  # (also puts the repository on sys.path)
+from harness import positive_int, run_main, timed_median  # (also puts the repository on sys.path)
 
 # (input H = W, C_in, C_out, kernel, stride): the stem, each stage's first block (3x3 stride 2 and the 1x1
 # stride-2 shortcut) and its repeated 3x3 convolutions.
@@ -89,4 +89,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

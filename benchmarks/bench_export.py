@@ -13,14 +13,14 @@ import os
 
 import numpy as np
 
-from harness import timed
+from harness import arch_name, positive_int, run_main, timed
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="ir_18")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--arch", type=arch_name, default="ir_18")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--iters", type=positive_int, default=5)
     args = p.parse_args(argv)
 
     import jax
@@ -60,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

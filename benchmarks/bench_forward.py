@@ -14,13 +14,13 @@ import argparse
 
 import numpy as np
 
-from harness import positive_int, timed
+from harness import arch_name, positive_int, run_main, timed
 from adaface_jax.compile_options import CPU_CONVOLUTIONS
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="ir_18")
+    p.add_argument("--arch", type=arch_name, default="ir_18")
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--iters", type=positive_int, default=5)
     p.add_argument("--rounds", type=positive_int, default=3)
@@ -68,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,6 +9,9 @@ The 1:1 scores are per-pair ``np.sum(f1 * f2, -1)`` as the reference (exact ties
 blocked matrix product; the 1:N products score identical rows once (evaluation.ranking).
 
     python3 benchmarks/bench_ijbc_scale.py [--workdir /tmp/ijbc_bench] [--keep]
+
+--workdir must be new, empty, or one this benchmark made (it holds ``.bench_ijbc_scale``): the benchmark
+writes its synthetic IJB-C files there and deletes only those afterwards, never a folder's other files.
 """
 from __future__ import annotations
 
@@ -23,9 +26,39 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import harness  # noqa: E402  (run_main)
+from adaface_jax.errors import InputError  # noqa: E402
 
 N_IMAGES, N_TEMPLATES, N_PAIRS, N_GENUINE = 469_375, 23_124, 15_658_489, 19_557
 N_G1, N_G2, N_PROBES, DIM = 1_772, 1_759, 19_593, 512
+MARKER = ".bench_ijbc_scale"  # names a work folder this benchmark made
+WRITTEN = ("IJBC", "features.npy", "norms.npy")  # what it writes there
+
+
+def claim_workdir(workdir: str) -> bool:
+    """Make ``workdir`` ours (new, empty, or marked by an earlier run) and return whether it was created; a folder
+    holding anything else is refused, so the clean-up can never delete a user's files."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise InputError(f"--workdir {workdir}: exists and is not a folder; expected a new or empty folder")
+    created = not os.path.exists(workdir)
+    if not created and os.listdir(workdir) and not os.path.isfile(os.path.join(workdir, MARKER)):
+        raise InputError(f"--workdir {workdir}: holds files this benchmark did not write; expected a new or empty "
+                         "folder (the synthetic IJB-C files are written there, then deleted)")
+    os.makedirs(workdir, exist_ok=True)
+    open(os.path.join(workdir, MARKER), "w").close()
+    return created
+
+
+def clean_workdir(workdir: str, created: bool) -> None:
+    """Delete what this benchmark wrote, and the folder itself if it made it and nothing else is left."""
+    for name in WRITTEN + (MARKER,):
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+    if created and not os.listdir(workdir):
+        os.rmdir(workdir)
 
 
 def prepare(workdir: str, seed: int = 0) -> None:
@@ -116,15 +149,16 @@ def main() -> int:
     if args.phase == "score":
         score(args.workdir)
         return 0
-    if not os.path.exists(os.path.join(args.workdir, "features.npy")):
-        prepare(args.workdir)
+    created = claim_workdir(args.workdir)
     try:
+        if not os.path.exists(os.path.join(args.workdir, "norms.npy")):  # written last
+            prepare(args.workdir)
         return subprocess.call([sys.executable, os.path.abspath(__file__), "--phase", "score",
                                 "--workdir", args.workdir])
     finally:
         if not args.keep:
-            shutil.rmtree(args.workdir, ignore_errors=True)
+            clean_workdir(args.workdir, created)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_main(main)

@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402  (the argparse types and run_main)
 
 
 class ReferenceDataset:
@@ -167,23 +168,30 @@ def print_io_amplification(manifest, num_streams, batch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--images", type=harness.positive_int, default=2000)
+    parser.add_argument("--cores", type=harness.positive_int, default=2)
+    parser.add_argument("--batch", type=harness.positive_int, default=128)
+    parser.add_argument("--batches", type=harness.positive_int, default=30)
     parser.add_argument("--data-dir", default=None, help="an existing dataset dir (default: synthesize one)")
-    parser.add_argument("--num-streams", type=int, default=64, help="data.num_streams")
+    parser.add_argument("--num-streams", type=harness.positive_int, default=64, help="data.num_streams")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from data_pipeline import synthetic
+
+    if args.data_dir is not None:
+        return measure(args, args.data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = os.path.join(tmp, "syn")
+        ids = max(2, args.images // 20)
+        synthetic.write_synthetic_dataset(data_dir, ids, max(1, args.images // ids), seed=0, show_progress=False)
+        return measure(args, data_dir)
+
+
+def measure(args, data_dir):
+    import tensorflow as tf
+
     from data_pipeline.manifest import read_manifest, shard_paths
 
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = os.path.join(tempfile.mkdtemp(), "syn")
-        ids = max(2, args.images // 20)
-        synthetic.write_synthetic_dataset(data_dir, ids, args.images // ids, seed=0, show_progress=False)
-    import tensorflow as tf
     encoded, labels = [], []
     for record in tf.data.TFRecordDataset(shard_paths(data_dir, read_manifest(data_dir))):
         f = tf.train.Example.FromString(record.numpy()).features.feature
@@ -207,4 +215,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_main(main)

@@ -19,16 +19,17 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402  (the argparse types and run_main; the standard library only)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num-classes", type=int, default=2_000_000)
-    ap.add_argument("--embedding", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=64, help="global batch")
-    ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.3, 0.1])
-    ap.add_argument("--devices", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--num-classes", type=harness.positive_int, default=2_000_000)
+    ap.add_argument("--embedding", type=harness.positive_int, default=512)
+    ap.add_argument("--batch", type=harness.positive_int, default=64, help="global batch")
+    ap.add_argument("--rates", type=harness.sample_rate, nargs="+", default=[1.0, 0.3, 0.1])
+    ap.add_argument("--devices", type=harness.positive_int, default=8)
+    ap.add_argument("--iters", type=harness.positive_int, default=3)
     ap.add_argument("--no-time", action="store_true", help="compile and report memory only")
     args = ap.parse_args()
     # before JAX starts: N simulated CPU devices
@@ -108,4 +109,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_main(main)

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402  (the argparse types and run_main)
 
 
 def make_rec(path, n):
@@ -45,38 +46,40 @@ def baseline(rec, out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=20000)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--images", type=harness.positive_int, default=20000)
+    parser.add_argument("--workers", type=harness.positive_int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from data_pipeline import convert
     from data_pipeline.manifest import read_manifest
     tmp = tempfile.mkdtemp()
-    rec = os.path.join(tmp, "train.rec")
-    size = make_rec(rec, args.images)
-    print(f"{args.images} images of {size / 1024:.1f} KiB in {rec}")
-    t_base = baseline(rec, os.path.join(tmp, "baseline.tfrecord"))
-    start = time.perf_counter()
-    manifest = convert.convert_rec(rec, os.path.join(tmp, "ours"), num_workers=args.workers,
-                                   num_shards=max(2 * args.workers, 4), show_progress=False)
-    t_ours = time.perf_counter() - start
-    assert manifest["num_images"] == args.images
-    start = time.perf_counter()
-    convert.convert_rec(rec, os.path.join(tmp, "ours0"), num_workers=0, num_shards=4, show_progress=False)
-    t_one = time.perf_counter() - start
-    w_one = read_manifest(os.path.join(tmp, "ours0"))["seconds"]
-    n = args.images
-    rows = [("baseline (1 proc, tf.train.Example)", t_base, 1),
-            ("ours, in-process, end to end", t_one, 1),
-            (f"ours, {args.workers} workers, end to end", t_ours, args.workers),
-            (f"ours, {args.workers} workers, shard writing", manifest["seconds"], args.workers)]
-    rows.insert(2, ("ours, in-process, shard writing", w_one, 1))
-    print(f"{'variant (end to end includes planning,':<44}")
-    print(f"{' worker spawn + TF import, tfds metadata)':<44}{'img/s':>10}{'img/s/core':>12}{'vs baseline':>13}")
-    for name, seconds, cores in rows:
-        print(f"{name:<44}{n / seconds:>10.0f}{n / seconds / cores:>12.0f}{t_base / seconds:>13.2f}")
-    shutil.rmtree(tmp)
+    try:
+        rec = os.path.join(tmp, "train.rec")
+        size = make_rec(rec, args.images)
+        print(f"{args.images} images of {size / 1024:.1f} KiB in {rec}")
+        t_base = baseline(rec, os.path.join(tmp, "baseline.tfrecord"))
+        start = time.perf_counter()
+        manifest = convert.convert_rec(rec, os.path.join(tmp, "ours"), num_workers=args.workers,
+                                       num_shards=max(2 * args.workers, 4), show_progress=False)
+        t_ours = time.perf_counter() - start
+        assert manifest["num_images"] == args.images
+        start = time.perf_counter()
+        convert.convert_rec(rec, os.path.join(tmp, "ours0"), num_workers=0, num_shards=4, show_progress=False)
+        t_one = time.perf_counter() - start
+        w_one = read_manifest(os.path.join(tmp, "ours0"))["seconds"]
+        n = args.images
+        rows = [("baseline (1 proc, tf.train.Example)", t_base, 1),
+                ("ours, in-process, end to end", t_one, 1),
+                (f"ours, {args.workers} workers, end to end", t_ours, args.workers),
+                (f"ours, {args.workers} workers, shard writing", manifest["seconds"], args.workers)]
+        rows.insert(2, ("ours, in-process, shard writing", w_one, 1))
+        print(f"{'variant (end to end includes planning,':<44}")
+        print(f"{' worker spawn + TF import, tfds metadata)':<44}{'img/s':>10}{'img/s/core':>12}{'vs baseline':>13}")
+        for name, seconds, cores in rows:
+            print(f"{name:<44}{n / seconds:>10.0f}{n / seconds / cores:>12.0f}{t_base / seconds:>13.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_main(main)

@@ -88,7 +88,7 @@ def torch_step_runner(arch, batch, num_classes):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--archs", nargs="+", default=["ir_18", "ir_50"])
+    ap.add_argument("--archs", nargs="+", type=harness.arch_name, default=["ir_18", "ir_50"])
     ap.add_argument("--batch", type=harness.positive_int, default=16)
     ap.add_argument("--num-classes", type=harness.positive_int, default=1000)
     ap.add_argument("--iters", type=harness.positive_int, default=3, help="steps per side per round")
@@ -121,4 +121,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_main(main)

@@ -2,7 +2,8 @@
 of the reference algorithm (per fold, per threshold), in the same run. Printed, not asserted.
 
     python3 benchmarks/bench_verification.py [--bin ../shared/data/lfw_gray112.bin] [--repeats 5]
-Without a .bin, synthetic unit embeddings are used (the pair structure is what matters).
+Without --bin it uses the LFW .bin of ../shared/data when that exists, otherwise synthetic unit embeddings
+(the pair structure is what matters); a --bin that does not exist is an error.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import harness  # noqa: E402  (the argparse types and run_main)
 from evaluation import verification  # noqa: E402
 
 
@@ -53,7 +55,7 @@ def loop_reference(thresholds, emb1, emb2, issame, nrof_folds=10):
 
 
 def load_embeddings(bin_path):
-    if bin_path and os.path.isfile(bin_path):
+    if bin_path is not None:
         import cv2  # noqa: PLC0415
         from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
         imgs, issame = load_bin(bin_path)
@@ -72,10 +74,11 @@ def load_embeddings(bin_path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_bin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "lfw_gray112.bin")
-    parser.add_argument("--bin", default=default_bin)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bin", default=None, help="a verification .bin (default: the shared LFW one if present)")
+    parser.add_argument("--repeats", type=harness.positive_int, default=5)
     args = parser.parse_args()
-    emb, issame, source = load_embeddings(args.bin)
+    bin_path = args.bin if args.bin is not None else (default_bin if os.path.isfile(default_bin) else None)
+    emb, issame, source = load_embeddings(bin_path)
     print(f"data: {source}, {len(issame)} pairs, dim {emb.shape[1]}")
     t0 = time.perf_counter()
     ref = loop_reference(verification.THRESHOLDS, emb[0::2], emb[1::2], issame)
@@ -96,4 +99,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_main(main)

@@ -75,17 +75,17 @@ def make_config(arch: str, num_classes: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="ir_50")
+    ap.add_argument("--arch", type=harness.arch_name, default="ir_50")
     ap.add_argument("--per-chip-batch", type=harness.positive_int, default=128)
     ap.add_argument("--num-classes", type=harness.positive_int, default=205990)
     ap.add_argument("--steps", type=harness.positive_int, default=20)
     ap.add_argument("--warmup", type=harness.positive_int, default=3)
-    ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s per chip in TFLOP/s")
+    ap.add_argument("--peak-tflops", type=harness.positive_float, default=None, help="peak FLOP/s per chip in TFLOP/s")
     ap.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--float32", action="store_true", help="same as --precision float32")
     ap.add_argument("--width", type=harness.positive_int, default=64, help="first-stage channels (64 = the released models)")
     ap.add_argument("--image-size", type=harness.positive_int, default=112)
-    ap.add_argument("--sample-rate", type=float, default=1.0, help="Partial FC sample rate")
+    ap.add_argument("--sample-rate", type=harness.sample_rate, default=1.0, help="Partial FC sample rate")
     ap.add_argument("--forward", action="store_true", help="also time the eval-mode forward pass")
     ap.add_argument("--flops-only", action="store_true",
                     help="print the step's model FLOPs for these settings and stop: nothing is allocated, compiled "
@@ -181,4 +181,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_main(main)

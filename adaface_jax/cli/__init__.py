@@ -66,7 +66,8 @@ positive_int = _int_at_least(1, "positive")
 non_negative_int = _int_at_least(0, "non-negative")
 
 
-def _expected_errors() -> tuple:
+def expected_errors() -> tuple:
+    """The exceptions a command (or a benchmark harness) reports as one line: bad input, not bugs."""
     from evaluation import ProtocolError  # noqa: PLC0415  (pure numpy package, cheap)
 
     return InputError, ProtocolError, OSError
@@ -120,7 +121,7 @@ def parse_command(argv: list[str]):
     return name, module, args
 
 
-def _quiet_native_logs() -> None:
+def quiet_native_logs() -> None:
     """TensorFlow prints start-up notices to stderr from C++ before its log level applies (the oneDNN
     notice among them), and libjpeg's complaints about a broken file that the pipeline then reports
     itself; a command's stderr should hold only what the command has to say (set the variables to
@@ -131,13 +132,13 @@ def _quiet_native_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_native_logs()
+    quiet_native_logs()
     argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     name, module, args = parse_command(argv)
     try:
         return int(module.run(args) or 0)
-    except _expected_errors() as exc:
+    except expected_errors() as exc:
         if debug:
             traceback.print_exc()
         print(f"adaface-jax {name}: error: {one_line(exc)}", file=sys.stderr)
