@@ -9,17 +9,31 @@ and weight decay on the whole kernel (kernel and momentum donated), jitted on a 
 devices (``--devices``, default 8).  r = 1 is the trainer's full-softmax path, r < 1 its Partial FC path
 (``adaface_jax.train.partial_fc``).  Memory per device comes from the compiled step's
 ``memory_analysis()`` (arguments, peak temporaries); time is the mean over ``--iters`` steps after one
-warm-up.  Printed, not asserted.
+warm-up.  When it times more than one rate, each rate runs in a fresh child process: at C = 2M the kernel,
+its momentum and their initialisation take most of a 24 GB machine, and the host memory of one rate is not
+all returned before the next (the three rates in one process were killed for memory).  Printed, not asserted.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402  (the argparse types and run_main; the standard library only)
+
+
+def one_process_per_rate(args) -> int:
+    """Time each rate in a child process (this script with ``--rates r``), printing one table."""
+    status = 0
+    for i, rate in enumerate(args.rates):
+        cmd = [sys.executable, os.path.abspath(__file__), "--num-classes", str(args.num_classes), "--embedding",
+               str(args.embedding), "--batch", str(args.batch), "--devices", str(args.devices), "--iters",
+               str(args.iters), "--rates", repr(rate)] + (["--no-header"] if i else [])
+        status = max(status, subprocess.call(cmd))
+    return status
 
 
 def main():
@@ -31,7 +45,10 @@ def main():
     ap.add_argument("--devices", type=harness.positive_int, default=8)
     ap.add_argument("--iters", type=harness.positive_int, default=3)
     ap.add_argument("--no-time", action="store_true", help="compile and report memory only")
+    ap.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)  # a child after the first
     args = ap.parse_args()
+    if len(args.rates) > 1 and not args.no_time:
+        return one_process_per_rate(args)
     # before JAX starts: N simulated CPU devices
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
@@ -79,10 +96,11 @@ def main():
     emb = emb / norm
     labels = jax.random.randint(jax.random.fold_in(key, 2), (b,), 0, c)
 
-    print(f"Partial FC head step: {c} classes (padded {padded}), E={e}, global batch {b}, {n} simulated CPU devices; "
-          f"per-device kernel shard {e}x{padded // n} float32 = {e * padded // n * 4 / 2 ** 20:.0f} MiB")
-    print(f"{'rate':>5s} {'sampled/dev':>11s} {'args MiB':>9s} {'temp MiB':>9s} {'total MiB':>10s} "
-          f"{'compile s':>9s} {'step ms':>9s}")
+    if not args.no_header:
+        print(f"Partial FC head step: {c} classes (padded {padded}), E={e}, global batch {b}, {n} simulated CPU "
+              f"devices; per-device kernel shard {e}x{padded // n} float32 = {e * padded // n * 4 / 2 ** 20:.0f} MiB")
+        print(f"{'rate':>5s} {'sampled/dev':>11s} {'args MiB':>9s} {'temp MiB':>9s} {'total MiB':>10s} "
+              f"{'compile s':>9s} {'step ms':>9s}", flush=True)
     for rate in args.rates:
         k = padded // n if rate >= 1.0 else partial_fc.num_sampled(padded, n, rate, b)
         step = make_step(rate)

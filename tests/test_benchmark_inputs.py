@@ -14,6 +14,7 @@ BENCH = os.path.join(REPO, "benchmarks")
 CASES = [
     ("bench_train_step.py --archs ir_18 ir_999", 2, "unknown arch 'ir_999'"),
     ("bench_train_step.py --batch 0", 2, "--batch: expected an integer >= 1, got 0"),
+    ("bench_train_step.py --profile {tmp}/empty.bin", 2, "--profile {tmp}/empty.bin: exists and is not a folder"),
     ("bench_forward.py --arch resnet50", 2, "unknown arch 'resnet50'"),
     ("bench_export.py --iters -3", 2, "--iters: expected an integer >= 1, got -3"),
     ("device_train_mfu.py --arch ir_7 --flops-only", 2, "unknown arch 'ir_7'"),
@@ -42,6 +43,7 @@ def bad_inputs(tmp_path):
 @pytest.mark.parametrize("command,status,names", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line(bad_inputs, command, status, names):
     script, *args = command.format(tmp=bad_inputs).split()
+    names = names.format(tmp=bad_inputs)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
                        cwd=str(bad_inputs), env=env, timeout=300)
@@ -73,3 +75,68 @@ def test_ijbc_scale_deletes_only_what_it_wrote(tmp_path):
     (empty / "notes.txt").write_text("written meanwhile by the user")
     bench.clean_workdir(str(empty), False)
     assert sorted(os.listdir(empty)) == ["notes.txt"]  # the folder and the user's file stay
+
+
+def test_train_step_profile_summary_adds_up(tmp_path, capsys):
+    """``bench_train_step.py --profile``: the per-kind times are read from a real jax.profiler trace, and the
+    printed total of the named ops is the sum of the kinds listed (all of them, with a large ``top``)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_train_step as bench
+    finally:
+        sys.path.remove(BENCH)
+    x = jnp.ones((256, 256))
+    f = jax.jit(lambda a: jnp.tanh(a @ a.T + 1.0).sum(0))
+    jax.block_until_ready(f(x))
+
+    def run(steps):
+        import time
+        t = time.perf_counter()
+        for _ in range(steps):
+            out = f(x)
+        jax.block_until_ready(out)
+        return time.perf_counter() - t
+
+    bench.profile_step(run, str(tmp_path / "trace"), steps=2, top=1000)
+    out = capsys.readouterr().out
+    assert list((tmp_path / "trace").rglob("perfetto_trace.json.gz")), out
+    rows = [(float(ms), float(pct)) for ms, pct in re.findall(r"^\s+([\d.]+) ms\s+([\d.]+)%\s+\S+ \(\d+ per step\)$",
+                                                               out, re.M)]
+    total_ms, total_pct = map(float, re.search(r"^\s+([\d.]+) ms\s+([\d.]+)%\s+all named ops", out, re.M).groups())
+    assert rows, out
+    assert abs(sum(ms for ms, _ in rows) - total_ms) <= 0.1 * len(rows) + 1e-6, out
+    assert 0 < total_pct <= 100 and all(0 <= pct <= total_pct + 0.05 for _, pct in rows), out
+
+
+def test_op_time_by_kind_on_a_hand_made_trace(tmp_path):
+    """The trace summary against hand-summed numbers: HLO-named events grouped by kind over 2 steps, the
+    runtime's and Python's events left out, and only XLA's Eigen pool counted as compute threads."""
+    import gzip
+    import json
+
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_train_step as bench
+    finally:
+        sys.path.remove(BENCH)
+    meta = lambda tid, name: {"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": name}}
+    op = lambda tid, name, us: {"ph": "X", "name": name, "pid": 1, "tid": tid, "ts": 0, "dur": us}
+    events = [meta(1, "python3"), meta(2, "tf_XLAEigen/1"), meta(3, "tf_XLAEigen/2"), meta(4, "tf_XLAPjRtCpuClient/9"),
+              op(2, "transpose_copy_fusion.103", 3000), op(3, "transpose_copy_fusion.7", 1000),
+              op(2, "transpose_copy_fusion", 2000), op(3, "copy.12", 500), op(4, "wrapped_is-finite", 100),
+              op(1, "$api.py:2479 block_until_ready", 90000), op(2, "ThunkExecutor::Execute", 40000),
+              op(3, "end: ynn_fusion", 700), op(4, "ThunkExecutor::Execute (wait for completion)", 50000),
+              {"ph": "i", "name": "copy.1", "pid": 1, "tid": 2, "ts": 0}]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    per_kind, calls, threads = bench.op_time_by_kind(str(path), steps=2)
+    assert dict(per_kind) == pytest.approx({"transpose_copy_fusion": 0.003, "copy": 0.00025,
+                                            "wrapped_is-finite": 0.00005})
+    assert dict(calls) == {"transpose_copy_fusion": 3, "copy": 1, "wrapped_is-finite": 1}
+    assert threads == {(1, 2), (1, 3)}
