@@ -9,7 +9,7 @@ By hand:
     adaface-jax train --config configs/quickstart_cpu.py --workdir runs/qs/run --config.data.data_dir=runs/qs/data
 
 Not a recipe: ir_18 at width 16 (a quarter of the published channel counts), 4 epochs of 37 steps
-at batch 64 on 2,400 images.  About 5-8 minutes on 2 CPU cores.  Expected on held-out synthetic
+at batch 64 on 2,400 images.  About 3-5 minutes on 2 CPU cores.  Expected on held-out synthetic
 identities: 10-fold verification accuracy from about 0.75 (untrained) to about 0.95.
 """
 from configs.common import get_base_config
