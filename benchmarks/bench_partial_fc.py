@@ -32,7 +32,10 @@ def one_process_per_rate(args) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--num-classes", str(args.num_classes), "--embedding",
                str(args.embedding), "--batch", str(args.batch), "--devices", str(args.devices), "--iters",
                str(args.iters), "--rates", repr(rate)] + (["--no-header"] if i else [])
-        status = max(status, subprocess.call(cmd))
+        code = subprocess.call(cmd)
+        if code:  # a rate that failed (or was killed: a negative code) fails the run; the others still run
+            print(f"rate {rate:g}: the child process ended with status {code}", file=sys.stderr)
+            status = 1
     return status
 
 
