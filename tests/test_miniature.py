@@ -282,10 +282,12 @@ def _cli(*args, timeout=600):
     (["--config.study.pairs_per_bin=7"], "pairs_per_bin=7: expected an even number"),
     (["--config.study.steps=ten"], "--config.study.steps='ten': expected int"),
     (["--config.study.synthetic_train_severity=heavy"], "expected 'drawn' or 'spread'"),
+    (["--config.cpu_convolutions=onednn"], "config.cpu_convolutions='onednn': expected one of ('eigen', 'xla_default')"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, match):
     res = _cli("--out", str(tmp_path / "out"), *args, timeout=120)
     assert res.returncode == 1, res.stderr
+    assert "training images" not in res.stdout, res.stdout  # refused before any data is made or loaded
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("adaface-jax miniature: error:") and match in lines[0], res.stderr
 

@@ -75,6 +75,7 @@ def check_study(config) -> None:
     if int(config.global_batch_size) < 2:
         raise ConfigError(f"config.global_batch_size={config.global_batch_size}: expected at least 2 (AdaFace's "
                           "batch statistics)")
+    resolve_cpu_convolutions(config)  # before the data is loaded, not at the first compile
 
 
 def run_config(config, data: StudyData, head: str, seed: int):
