@@ -175,7 +175,6 @@ def main():
     parser.add_argument("--data-dir", default=None, help="an existing dataset dir (default: synthesize one)")
     parser.add_argument("--num-streams", type=harness.positive_int, default=64, help="data.num_streams")
     args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from data_pipeline import synthetic
 
     if args.data_dir is not None:

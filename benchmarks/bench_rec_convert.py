@@ -49,7 +49,6 @@ def main():
     parser.add_argument("--images", type=harness.positive_int, default=20000)
     parser.add_argument("--workers", type=harness.positive_int, default=2)
     args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from data_pipeline import convert
     from data_pipeline.manifest import read_manifest
     tmp = tempfile.mkdtemp()

@@ -17,37 +17,26 @@ for path in (ROOT, os.path.join(ROOT, "tests")):
         sys.path.insert(0, path)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a bad value is argparse's one-line usage error, not a traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _number(convert, in_range, expected: str):
+    """An argparse type: ``convert(text)`` within ``in_range``; anything else is argparse's one-line usage error
+    "expected <expected>, got <text>", not a traceback."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not in_range(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected  # argparse names the type by it in its own messages
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def sample_rate(text: str) -> float:
-    """argparse type: a Partial FC sample rate, 0 < r <= 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a sample rate 0 < r <= 1, got {text!r}") from None
-    if not 0 < value <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a sample rate 0 < r <= 1, got {text}")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+sample_rate = _number(float, lambda v: 0 < v <= 1, "a sample rate 0 < r <= 1")  # a Partial FC rate; refuses nan
 
 
 def arch_name(text: str) -> str:

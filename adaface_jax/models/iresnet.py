@@ -71,7 +71,7 @@ class _Common(nn.Module):
     cpu_backward: bool = False
 
     def conv(self, features, kernel, stride, name, padding):
-        op = conv_general_dilated_phase_grad if self.cpu_backward and stride > 1 else lax.conv_general_dilated
+        op = conv_general_dilated_phase_grad if self.cpu_backward else lax.conv_general_dilated  # strided ones only
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=False,
                        kernel_init=conv_kernel_init_torch_fan_out(), dtype=self.dtype, param_dtype=jnp.float32,
                        conv_general_dilated=op, name=name)

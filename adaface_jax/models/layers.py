@@ -125,12 +125,9 @@ def _batch_norm_autodiff(x, scale, bias, num_groups, eps, axis_name, out_dtype):
 
 
 def _bn_forward(x, scale, bias, num_groups, eps, out_dtype):
-    xg, axes = _grouped(x.astype(jnp.float32), num_groups)
-    mean, var = _batch_moments(xg, axes)
-    rstd = jax.lax.rsqrt(var + eps)
-    y = ((xg - mean) * rstd * scale + bias).reshape(x.shape).astype(out_dtype)
-    c = x.shape[-1]
-    return (y, mean.reshape(num_groups, c), var.reshape(num_groups, c)), (x, mean, rstd, scale)
+    outputs = _batch_norm_autodiff(x, scale, bias, num_groups, eps, None, out_dtype)  # the same forward
+    _, mean, var = outputs
+    return outputs, (x, mean, jax.lax.rsqrt(var + eps), scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -150,11 +147,13 @@ def batch_norm_closed_form(x, scale, bias, num_groups, eps, out_dtype):
 
 
 def _bn_bwd(num_groups, eps, out_dtype, residuals, cotangents):
-    x, mean, rstd, scale = residuals
+    x, mean, rstd, scale = residuals  # mean, rstd: (G, C)
     dy = cotangents[0]
     xg, axes = _grouped(x.astype(jnp.float32), num_groups)
     dyg = dy.astype(jnp.float32).reshape(xg.shape)
-    x_hat = (xg - mean) * rstd
+    per_group = (num_groups,) + (1,) * (xg.ndim - 2) + (x.shape[-1],)
+    rstd = rstd.reshape(per_group)
+    x_hat = (xg - mean.reshape(per_group)) * rstd
     sum_dy = jnp.sum(dyg, axis=axes, keepdims=True)
     sum_dy_xhat = jnp.sum(dyg * x_hat, axis=axes, keepdims=True)
     m = xg[0].size // xg.shape[-1]
