@@ -3,6 +3,7 @@ the feature extractor run their convolutions with XLA's Eigen kernels instead of
 other YNNPACK fusion, the train step's backbone takes its CPU backward rewrites (``cpu_backward``), and all
 compute the same numbers: the forward against the PyTorch reference and every parameter gradient of a
 train-mode ir_18 against PyTorch's autograd (closer than XLA's default kernels)."""
+import copy
 import re
 
 import jax
@@ -111,61 +112,88 @@ def _prefixed(model):
     return {"model." + k: v for k, v in model.state_dict().items()}
 
 
+def _torch_embeddings_and_gradients(tm, x: np.ndarray, probe: np.ndarray, dtype):
+    """The PyTorch reference in ``dtype``: eval-mode embeddings, then every parameter's gradient of a train-mode
+    pass (BatchNorm on batch statistics, dropout off) of sum(emb * probe) + 0.01 * sum(norm), as flax trees."""
+    tm = copy.deepcopy(tm).to(dtype)  # a copy: the train-mode pass updates BatchNorm's running statistics
+    tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dtype)
+    tm.eval()
+    with torch.no_grad():
+        emb = tm(tx)[0].double().numpy()
+    tm.train()
+    tm.output_layer[1].p = 0.0
+    tm.zero_grad()
+    e, n = tm(tx)
+    (torch.sum(e * torch.from_numpy(probe).to(dtype)) + 0.01 * torch.sum(n)).backward()
+    grads_sd = {k: (p.grad if p.grad is not None else p.detach()) for k, p in
+                dict(tm.named_parameters(), **{n: b for n, b in tm.named_buffers()}).items()}
+    grads = state_dict_to_variables({"model." + k: v.detach().double() for k, v in grads_sd.items()})[2]["params"]
+    return emb, grads
+
+
 @pytest.mark.slow
-def test_ir_18_forward_and_gradients_match_pytorch():
+def test_ir_18_forward_and_gradients_match_float64_reference():
     """Eval-mode embeddings and every parameter's gradient of a train-mode ir_18 (BatchNorm on batch
-    statistics, dropout off), compiled with each choice, against the PyTorch reference backbone and its
-    autograd, mapped by the converter."""
+    statistics, dropout off) against the PyTorch reference backbone run in float64 and its autograd, mapped by
+    the converter: first the same function (our model in float64, with and without the CPU backward rewrites),
+    then each float32 program the trainer may compile, bounded by its own distance to the float64 reference.
+
+    No bound compares two float32 programs: PyTorch's (oneDNN) and XLA's kernels round differently on
+    different CPUs, and a float32-vs-float32 bound tuned on one CPU failed on another."""
     tm = randomize_(torch_backbone("ir_18"), seed=3)
     _, _, variables, _, _ = state_dict_to_variables(_prefixed(tm))
     x = np.random.RandomState(7).uniform(-1, 1, (4, 112, 112, 3)).astype(np.float32)
-    tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    tm.eval()
-    with torch.no_grad():
-        want_emb = tm(tx)[0].numpy()
-    tm.train()
-    tm.output_layer[1].p = 0.0
     probe = np.random.RandomState(8).standard_normal((4, 512)).astype(np.float32)
-    emb, norm = tm(tx)
-    (torch.sum(emb * torch.from_numpy(probe)) + 0.01 * torch.sum(norm)).backward()
-    grads_sd = {k: (p.grad if p.grad is not None else p.detach()) for k, p in
-                dict(tm.named_parameters(), **{n: b for n, b in tm.named_buffers()}).items()}
-    want = state_dict_to_variables({"model." + k: v.detach() for k, v in grads_sd.items()})[2]["params"]
-
-    models = {False: build_model("ir_18", dropout_rate=0.0), True: build_model("ir_18", dropout_rate=0.0,
-                                                                             cpu_backward=True)}
-
-    def loss(params, cpu_backward=False):
-        (e, n), _ = models[cpu_backward].apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                mutable=["batch_stats"])
-        return jnp.sum(e * probe) + 0.01 * jnp.sum(n)
+    want_emb, want = _torch_embeddings_and_gradients(tm, x, probe, torch.float64)
+    torch32_emb, torch32 = _torch_embeddings_and_gradients(tm, x, probe, torch.float32)
 
     def worst(a, b):
         # relative to each leaf's scale, floored at 1e-2: the biases of convolutions followed by a train-mode
-        # BatchNorm have a zero gradient, which both sides give as float noise of ~1e-7
-        rel = jax.tree_util.tree_map(lambda g, t: float(np.abs(np.asarray(g) - np.asarray(t)).max()
+        # BatchNorm have a zero gradient, which float32 gives as noise of ~1e-7
+        rel = jax.tree_util.tree_map(lambda g, t: float(np.abs(np.asarray(g, np.float64) - np.asarray(t)).max()
                                                         / max(float(np.abs(np.asarray(t)).max()), 1e-2)), a, b)
         return max(jax.tree_util.tree_leaves(rel))
 
+    def loss_fn(model, batch_stats, x):
+        def loss(params):
+            (e, n), _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                    mutable=["batch_stats"])
+            return jnp.sum(e * probe) + 0.01 * jnp.sum(n)
+        return loss
+
+    # 1. The same function: the float64 model against PyTorch's float64 autograd. The model's output BatchNorm
+    # and returned embedding stay float32 (as in training), so this measured 9e-5, not ~1e-12; a wrong rewrite
+    # (an unflipped sub-kernel, a dropped term) is off by O(1).
+    with jax.enable_x64(True):
+        to64 = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+        grads64 = {cpu_backward: jax.jit(jax.grad(loss_fn(
+            build_model("ir_18", dropout_rate=0.0, dtype=jnp.float64, cpu_backward=cpu_backward),
+            to64(variables["batch_stats"]), jnp.asarray(x, jnp.float64))))(to64(variables["params"]))
+            for cpu_backward in (False, True)}
+        same_function = {f"float64, cpu_backward={k}": worst(g, want) for k, g in grads64.items()}
+
+    # 2. The float32 programs: each kernel choice, and what the trainer compiles on the CPU by default (Eigen
+    # kernels and the backward rewrites).
+    models = {False: build_model("ir_18", dropout_rate=0.0), True: build_model("ir_18", dropout_rate=0.0,
+                                                                             cpu_backward=True)}
     grads, embs = {}, {}
     for choice in compile_options.CPU_CONVOLUTIONS:
         options = compile_options.compiler_options(choice)
-        grads[choice] = jax.jit(jax.grad(loss), compiler_options=options)(variables["params"])
+        grads[choice] = jax.jit(jax.grad(loss_fn(models[False], variables["batch_stats"], x)),
+                                compiler_options=options)(variables["params"])
         embs[choice] = np.asarray(jax.jit(lambda v, x: models[False].apply(v, x, train=False)[0],
                                           compiler_options=options)(variables, x))
-    # What the trainer compiles on the CPU by default: Eigen kernels and the backward rewrites.
-    grads["eigen+cpu_backward"] = jax.jit(jax.grad(lambda p: loss(p, True)),
+    grads["eigen+cpu_backward"] = jax.jit(jax.grad(loss_fn(models[True], variables["batch_stats"], x)),
                                           compiler_options=compile_options.compiler_options("eigen"))(
         variables["params"])
     emb_err = {c: float(np.abs(e - want_emb).max()) for c, e in embs.items()}
     errors = {c: worst(g, want) for c, g in grads.items()}
-    between = worst(grads["eigen"], grads["xla_default"])
-    print(f"\n[ir_18] embedding max abs error vs torch: {emb_err}; worst relative gradient error vs torch: {errors}; "
-          f"eigen vs xla_default: {between:.2e}")
+    print(f"\n[ir_18] against PyTorch float64: {same_function}; float32 embeddings' max abs error {emb_err} "
+          f"(PyTorch float32: {np.abs(torch32_emb - want_emb).max():.1e}); float32 worst relative gradient error "
+          f"{errors} (PyTorch float32: {worst(torch32, want):.1e})")
+    assert max(same_function.values()) <= 1e-3, same_function
     assert max(emb_err.values()) < 1e-4, emb_err
-    # Measured: eigen 9.7e-5 from torch, xla_default 9.8e-3. YNNPACK's weight gradients at high resolution
-    # carry ~10x the float32 rounding error of Eigen's (5e-6 vs 4e-7 relative against float64 for one 56x56
-    # layer), and a batch of 4 through train-mode BatchNorm amplifies it.
-    assert errors["eigen"] <= 1e-3 and errors["eigen+cpu_backward"] <= 1e-3, errors
-    assert errors["xla_default"] <= 3e-2, errors
-    assert 0 < between <= 3e-2, between   # different kernels: not bitwise equal
+    # A batch of 4 through train-mode BatchNorm amplifies float32 rounding in the gradients, by how much depends
+    # on the kernels' summation order. Against float64, 2026-12-02, AMD EPYC (AVX-512): eigen 9.9e-3,
+    # eigen+cpu_backward 9.9e-3, xla_default 9.7e-3, PyTorch float32 2.0e-3 (PyTorch's float32 is only printed).
+    assert max(errors.values()) <= 3e-2, errors
