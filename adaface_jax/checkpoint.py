@@ -16,32 +16,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from adaface_jax import parallel
+from adaface_jax import io, parallel
 from adaface_jax.convert import convert
 from adaface_jax.errors import InputError
-from adaface_jax.io import atomic_write
+from adaface_jax.run_dir import BEST, CHECKPOINTS, RunDir
 
 
 class Checkpointer:
     """Two orbax managers (latest K / best 1) behind one small interface."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, best_metric: str = "mean_acc"):
-        self.workdir = os.path.abspath(workdir)
+    def __init__(self, run_dir: RunDir, *, max_to_keep: int = 3, async_save: bool = True,
+                 best_metric: str = "mean_acc"):
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir.of(run_dir)
         self.best_metric = best_metric
         self.latest = ocp.CheckpointManager(
-            os.path.join(self.workdir, "checkpoints"),
+            self.run_dir.checkpoints,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
                                                  enable_async_checkpointing=async_save),
             item_names=("state", "meta"))
         self.best = ocp.CheckpointManager(
-            os.path.join(self.workdir, "best"),
+            self.run_dir.best,
             options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=async_save,
                                                  cleanup_tmp_directories=True,
                                                  best_fn=lambda m: float(m[best_metric]), best_mode="max"),
@@ -84,6 +84,10 @@ class Checkpointer:
                                                                  meta=ocp.args.JsonRestore()))
         return state.replace_from_checkpoint(restored["state"]), restored["meta"]
 
+    def item_metadata(self, step: int) -> Any:
+        """The saved state's tree of array metadata (shapes, dtypes), read without restoring any array."""
+        return state_metadata(io.join(self.run_dir.checkpoints, str(step)))
+
     def read_meta(self, step: Optional[int] = None, *, best: bool = False) -> dict:
         manager = self.best if best else self.latest
         step = step if step is not None else (manager.best_step() if best else manager.latest_step())
@@ -101,36 +105,42 @@ class Checkpointer:
 def restore_items(path: str, target_items: Any = None) -> dict:
     """Read the ``state`` item of one checkpoint step directory (``.../checkpoints/<step>``) without a
     manager, e.g. for ``--init-from``; arrays come back as numpy on the host when no target is given."""
-    path = os.path.abspath(path)
-    state_dir = os.path.join(path, "state")
-    if not os.path.isdir(state_dir):
+    path = io.check_path(path)
+    state_dir = io.join(path, "state")
+    if not io.isdir(state_dir):
         raise InputError(f"{path} is not a checkpoint step directory (missing {state_dir})")
+    if target_items is None:
+        target_items = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                           sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+            state_metadata(path))
     with ocp.StandardCheckpointer() as ckptr:
-        if target_items is None:
-            meta = ckptr.metadata(state_dir)
-            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-            target_items = jax.tree_util.tree_map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                               sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), tree)
         return ckptr.restore(state_dir, target_items)
+
+
+def state_metadata(step_dir: str) -> Any:
+    """The ``state`` item of one step directory as a tree of array metadata (shape, dtype), no array read."""
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(io.join(step_dir, "state"))
+    return meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
 
 
 def find_step_dir(path: str, *, best: bool = False, step: Optional[int] = None) -> Optional[str]:
     """A training workdir, its ``checkpoints``/``best`` folder, or one step directory -> the step
     directory to read (the latest step, the best one with ``best=True``, or ``step``); None when there
     is none."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")):
+    path = io.check_path(path)
+    if io.isdir(io.join(path, "state")):
         return path
-    for folder in ([os.path.join(path, "best")] if best else []) + [os.path.join(path, "checkpoints"), path]:
-        if not os.path.isdir(folder):
+    for folder in ([io.join(path, BEST)] if best else []) + [io.join(path, CHECKPOINTS), path]:
+        if not io.isdir(folder):
             continue
-        steps = sorted(int(d) for d in os.listdir(folder) if d.isdigit()
-                       and os.path.isdir(os.path.join(folder, d, "state")))
+        steps = sorted(int(d) for d in io.listdir(folder) if d.isdigit())
         if step is not None:
             steps = [s for s in steps if s == step]
+        steps = [s for s in steps if io.isdir(io.join(folder, str(s), "state"))]
         if steps:
-            return os.path.join(folder, str(steps[-1]))
+            return io.join(folder, str(steps[-1]))
     return None
 
 
@@ -141,7 +151,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _read_step_meta(step_dir: str) -> dict:
     """The JSON ``meta`` item of one step directory, through orbax (empty when the step has none)."""
-    if not os.path.isdir(os.path.join(step_dir, "meta")):
+    if not io.isdir(io.join(step_dir, "meta")):
         return {}
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -173,10 +183,10 @@ def load_weights(path: str, arch: Optional[str] = None, *, step: Optional[int] =
     converted directory (``adaface-jax convert``) or a training workdir (its latest step, ``step=N``,
     or the best one with ``best=True``). ``arch``, when given, must match what the weights hold.
     Every failure is an ``InputError`` naming the path."""
-    path = os.fspath(path)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, convert.META_NAME)):
+    path = io.check_path(path, "weights")
+    if io.isdir(path) and io.isfile(io.join(path, convert.META_NAME)):
         loaded = _load_converted(path)
-    elif os.path.isdir(path):
+    elif io.isdir(path):
         step_dir = find_step_dir(path, best=best, step=step)
         if step_dir is None:
             which = f"step {step}" if step is not None else ("a best checkpoint" if best else "checkpoints/<step>/state")
@@ -195,22 +205,20 @@ def load_weights(path: str, arch: Optional[str] = None, *, step: Optional[int] =
 
 def _load_torch(path: str, arch: Optional[str]) -> LoadedWeights:
     arch, input_size, variables, head, extras = convert.map_torch_file(path, arch)
-    meta = convert.make_meta(arch, input_size, variables, head, source=os.path.basename(path), **extras)
+    meta = convert.make_meta(arch, input_size, variables, head, source=io.basename(path), **extras)
     return LoadedWeights(arch, variables, head, meta)
 
 
 def _load_converted(path: str) -> LoadedWeights:
-    path = os.path.abspath(path)
-    meta_path = os.path.join(path, convert.META_NAME)
+    meta_path = io.join(path, convert.META_NAME)
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(io.read_text(meta_path))
     except ValueError as e:
         raise InputError(f"{meta_path}: not valid JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("arch") is None:
         raise InputError(f"{meta_path}: expected a JSON object with an 'arch' field")
-    ckpt_dir = os.path.join(path, convert.CKPT_NAME)
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = io.join(path, convert.CKPT_NAME)
+    if not io.isdir(ckpt_dir):
         raise InputError(f"{path}: {convert.CKPT_NAME}/ missing next to {convert.META_NAME}")
     try:
         with ocp.StandardCheckpointer() as ckptr:
@@ -266,25 +274,16 @@ def load_trained(path: str, *, best: bool = False) -> tuple[dict, dict, dict]:
 #   a PyTorch .ckpt (never rewritten): the sidecar <file>.calibration.json.
 # ``load_weights`` returns it as ``meta['calibration']``.
 
-def _workdir_of(path: str) -> Optional[str]:
-    step_dir = find_step_dir(path)
-    if step_dir is None:
-        return None
-    # <workdir>/checkpoints/<step> or <workdir>/best/<step> -> <workdir>
-    parent = os.path.dirname(step_dir)
-    return os.path.dirname(parent) if os.path.basename(parent) in ("checkpoints", "best") else parent
-
-
 def calibration_location(model_path: str) -> tuple[str, str]:
     """('meta' | 'file', path of the JSON that holds the calibration)."""
-    model_path = os.path.abspath(model_path)
-    if os.path.isdir(model_path):
-        if os.path.isfile(os.path.join(model_path, convert.META_NAME)):
-            return "meta", os.path.join(model_path, convert.META_NAME)
-        workdir = _workdir_of(model_path)
-        if workdir is None:
+    model_path = io.check_path(model_path)
+    if io.isdir(model_path):
+        if io.isfile(io.join(model_path, convert.META_NAME)):
+            return "meta", io.join(model_path, convert.META_NAME)
+        step_dir = find_step_dir(model_path)
+        if step_dir is None:
             raise InputError(f"{model_path}: not a converted directory or a training workdir")
-        return "file", os.path.join(workdir, "calibration.json")
+        return "file", RunDir.of_step_dir(step_dir).calibration
     return "file", model_path + ".calibration.json"
 
 
@@ -293,11 +292,10 @@ def read_calibration(model_path: str) -> Optional[dict]:
         kind, path = calibration_location(model_path)
     except InputError:
         return None
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         return None
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(io.read_text(path))
     except ValueError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from e
     return data.get("calibration") if kind == "meta" else data
@@ -307,12 +305,8 @@ def store_calibration(model_path: str, calibration: dict) -> str:
     """Write the calibration where ``read_calibration`` finds it (atomically); returns the file written."""
     kind, path = calibration_location(model_path)
     if kind == "meta":
-        with open(path) as f:
-            meta = json.load(f)
-        meta["calibration"] = calibration
-        payload = meta
+        payload = {**json.loads(io.read_text(path)), "calibration": calibration}
     else:
         payload = calibration
-    with atomic_write(path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+    io.write_json(path, payload, indent=2, sort_keys=True)
     return path

@@ -26,3 +26,35 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real face data not available: {SHARED_DATA} is absent (only in the project workspace)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real Cloud Storage API server on 127.0.0.1 for the session (tests/gcs_server.py: gcp-storage-emulator
+    behind a CONNECT/TLS proxy for TensorFlow). Its ``.env`` is set into ``os.environ`` for the session, so the
+    in-process clients (tf.io.gfile, etils.epath, tensorstore/orbax, google-cloud-storage) reach it; a child
+    process needs ``env={**os.environ, **gcs_server.env}``. The environment is restored and the server stopped
+    at the end of the session."""
+    from gcs_server import GcsServer  # noqa: PLC0415
+
+    server = GcsServer().start()
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server):
+    """A fresh, empty bucket on ``gcs_server``, as its URL ``"gs://b-<hex>"`` (no trailing slash); it and its
+    objects are deleted after the test."""
+    name = gcs_server.make_bucket()
+    yield f"gs://{name}"
+    gcs_server.delete_bucket(name)

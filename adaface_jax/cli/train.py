@@ -115,7 +115,10 @@ def run(args) -> int:
         return 0
     if cache:
         logging.info("compilation cache: %s (--no-compile-cache or %s=off to disable)", cache, CACHE_ENV)
-    if args.init_from and not os.path.exists(args.init_from):
+    from adaface_jax import io  # noqa: PLC0415
+    from adaface_jax.run_dir import RunDir  # noqa: PLC0415
+    RunDir.of(args.workdir)  # an unknown scheme or a one-slash URL is refused before JAX starts
+    if args.init_from and not io.exists(io.check_path(args.init_from, "--init-from")):
         raise InputError(f"--init-from {args.init_from}: no such file or directory")
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                     cpu_collectives=args.cpu_collectives)

@@ -14,6 +14,9 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     """Import ``path`` and call its ``get_config()``; ``path:arg`` calls ``get_config("arg")`` (the
     ml_collections config_flags convention, e.g. ``configs/paper_miniature.py:small``)."""
     arg = None
+    if "://" in path:
+        raise InputError(f"--config {path}: a recipe is a local Python file (configs/*.py); copy it from the bucket "
+                         "first")
     if not os.path.isfile(path) and ":" in path:
         path, arg = path.rsplit(":", 1)
     if not os.path.isfile(path):
@@ -72,8 +75,27 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
             node = node[p]
         if parts[-1] not in node:
             raise InputError(f"--config.{dotted}: unknown config field (known here: {sorted(node.keys())})")
-        node[parts[-1]] = _parse_like(node[parts[-1]], text, dotted)
+        if isinstance(node[parts[-1]], ml_collections.ConfigDict):
+            raise InputError(section_value_message(dotted, text, node[parts[-1]]))
+        try:
+            node[parts[-1]] = _parse_like(node[parts[-1]], text, dotted)
+        except TypeError as e:  # ml_collections' type check of the field
+            raise InputError(f"--config.{dotted}={text!r}: {e}") from None
     return config
+
+
+# The field a user usually means when they write a value onto a whole section.
+SECTION_MAIN_FIELD = {"model": "arch", "head": "name", "data": "data_dir", "checkpoint": "every_steps",
+                      "evals": "verification.sets", "loss_scale": "init"}
+
+
+def section_value_message(dotted: str, text: str, section: ml_collections.ConfigDict) -> str:
+    """``--config.model=ir_50``: one line saying that ``model`` is a section and which key to set instead."""
+    last = dotted.rsplit(".", 1)[-1]
+    main = SECTION_MAIN_FIELD.get(last) if "." not in dotted else None
+    hint = (f"did you mean --config.{dotted}.{main}={text}?" if main else
+            f"set one of its fields: {', '.join(f'--config.{dotted}.{k}' for k in sorted(section.keys()))}")
+    return f"--config.{dotted}={text!r}: config.{dotted} is a section, not a value; {hint}"
 
 
 def split_override_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:

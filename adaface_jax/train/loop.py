@@ -7,32 +7,33 @@ device mesh with sharded arrays (see ``adaface_jax.parallel``).
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import os
 import signal
 import time
 from typing import Iterator, Optional
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from adaface_jax import heads, parallel
+from adaface_jax import heads, io, parallel
 from adaface_jax.checkpoint import Checkpointer, load_weights
 from adaface_jax.compile_options import DEFAULT_CPU_CONVOLUTIONS
 from adaface_jax.errors import ConfigError, InputError  # noqa: F401  (ConfigError: re-exported)
 from adaface_jax.features import extract_features
 from adaface_jax.models import MODEL_NAMES
 from adaface_jax.train.setup import build_trainer, resolve_cpu_convolutions
+from adaface_jax.train.setup import precision as resolve_precision
 from adaface_jax.train.state import TrainState
 from data_pipeline.bin_reader import load_bin
 from data_pipeline.input import (TrainInputConfig, effective_streams, hide_gpus_from_tf, make_train_iterator,
                                  save_augmentation_grid)
 from data_pipeline.input import steps_per_epoch as pipeline_spe
 from data_pipeline.manifest import read_manifest
+from adaface_jax.run_dir import RunDir
 from evaluation.evaluators import VerificationEvaluator
 
 log = logging.getLogger("adaface_jax.train")
@@ -53,7 +54,13 @@ def read_data_manifest(config) -> Optional[dict]:
     if config.data.source == "random":
         return None
     data_dir = config.data.data_dir
-    if not data_dir or not os.path.isdir(data_dir):
+    if not data_dir:
+        raise ConfigError("config.data.data_dir: empty; expected the folder of a prepared dataset")
+    try:
+        data_dir = io.check_path(data_dir, "config.data.data_dir")
+    except InputError as e:
+        raise ConfigError(str(e)) from e
+    if not io.isdir(data_dir):
         raise ConfigError(f"config.data.data_dir={data_dir!r}: directory not found")
     try:
         return read_manifest(data_dir)
@@ -106,16 +113,43 @@ def load_init_from(path: str) -> tuple[dict, dict, Optional[dict]]:
     return loaded.variables["params"], loaded.variables["batch_stats"], loaded.head
 
 
+def leaf_shapes(tree) -> dict:
+    """``{'params/backbone/conv/kernel': shape}`` for every array leaf of a tree (arrays, ShapeDtypeStructs or
+    orbax's array metadata). Paths are written the same for dict keys, attributes and indices, so a state and
+    the metadata orbax read back for it (dicts where the state has named tuples) compare equal."""
+    def name(k):
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    return {"/".join(name(k) for k in path): tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def first_shape_mismatch(want, got):
+    """The first leaf (sorted by path) where two trees differ in presence or shape: ``(path, expected, found)``
+    with shapes as text ('missing' for an absent leaf), or None when they agree."""
+    w, g = leaf_shapes(want), leaf_shapes(got)
+    text = lambda shape: "missing" if shape is None else f"of shape {shape}"  # noqa: E731
+    for key in sorted(set(w) | set(g)):
+        if w.get(key) != g.get(key):
+            return key, text(w.get(key)), text(g.get(key))
+    return None
+
+
 def apply_init_from(state: TrainState, path: str, config, shardings, weights=None) -> TrainState:
     """Copy backbone weights (and the head when its class count matches) into a fresh state.
     ``weights``: what ``load_init_from(path)`` returned, when already read."""
     backbone, batch_stats, head = weights if weights is not None else load_init_from(path)
     params = dict(state.params)
-    want = jax.tree_util.tree_structure(state.params["backbone"])
-    got = jax.tree_util.tree_structure(jax.tree_util.tree_map(np.asarray, backbone))
-    if want != got:
-        raise ConfigError(f"--init-from {path}: backbone parameters do not match config.model.arch="
-                          f"{config.model.arch!r}")
+    for what, want, got in (("params", state.params["backbone"], backbone), ("batch_stats", state.batch_stats,
+                                                                              batch_stats)):
+        first = first_shape_mismatch(want, got)
+        if first is not None:
+            key, expected, found = first
+            raise ConfigError(f"--init-from {path}: {what}/{key} is {found}, config.model (arch={config.model.arch!r}, "
+                              f"width={config.model.width}, embedding_size={config.model.embedding_size}) expects "
+                              f"{expected}")
     params["backbone"] = backbone
     head_state = state.head_state
     if head is not None and np.shape(head.get("kernel"))[1:] == (config.num_classes,):
@@ -200,6 +234,48 @@ def check_resume_layout(saved_meta: dict, config, workdir: str, step: int, num_d
                  "unchanged", topo.get("processes"), topo.get("devices"), jax.process_count(), num_devices)
 
 
+# What a checkpoint's arrays depend on, by config field: a resume with another value cannot restore them.
+# (Dropout, learning rate, augmentation, Partial FC's sample rate and the like may change freely.)
+RESUME_MODEL_FIELDS = ("model.arch", "model.width", "model.embedding_size", "num_classes", "head.name")
+
+
+def _field(config_dict, dotted: str):
+    value = config_dict
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) or hasattr(value, "get") else None
+    return value
+
+
+def check_resume_model(saved_meta: dict, config, workdir: str, step: int) -> None:
+    """Refuses, naming the config field, a resume whose model, head or precision would not fit the checkpoint's
+    arrays: the fields of ``RESUME_MODEL_FIELDS`` and float16's loss-scale state (``precision``)."""
+    saved = (saved_meta or {}).get("config")
+    if not saved:
+        return
+    now = json.loads(config.to_json())
+    changed = [(f, _field(saved, f), _field(now, f)) for f in RESUME_MODEL_FIELDS
+               if _field(saved, f) is not None and _field(saved, f) != _field(now, f)]
+    saved_precision = resolve_precision(ml_collections.ConfigDict(saved))
+    if (saved_precision == "float16") != (resolve_precision(config) == "float16"):
+        changed.append(("precision", saved_precision, resolve_precision(config)))
+    if changed:
+        field, was, is_now = changed[0]
+        raise ConfigError(f"config.{field}: the checkpoint in {workdir} (step {step}) was written with {field}={was!r} "
+                          f"and this run has {is_now!r}; its arrays cannot be restored into this model (restore that "
+                          "value, or start a new workdir; --init-from starts a new run from its weights)")
+
+
+def check_checkpoint_shapes(saved: dict, target: dict, where: str) -> None:
+    """The saved arrays' tree and shapes against the state this run built (orbax's own error for a mismatch is
+    a tree dump): one line naming the first differing leaf, expected and found."""
+    first = first_shape_mismatch(target, saved)
+    if first is not None:
+        key, expected, found = first
+        raise ConfigError(f"checkpoint {where}: {key} is {found}, this run's configuration expects {expected} "
+                          "(a changed model, head, class count or precision; restore those values or start a new "
+                          "workdir)")
+
+
 def make_input(config, start_step: int) -> Iterator[dict]:
     """Host-local batches starting at global step ``start_step`` (an exact resume of the data order): this
     process's contiguous block of rows of each global batch, which is the same for any process/device count."""
@@ -218,13 +294,28 @@ def find_val_sets(config) -> dict[str, str]:
     the data directory."""
     spec = config.evals.verification
     names = list(spec.sets)
+    if spec.bin_dir:
+        try:
+            bin_dir = io.check_path(spec.bin_dir, "config.evals.verification.bin_dir")
+        except InputError as e:
+            raise ConfigError(str(e)) from e
+        if not io.isdir(bin_dir):
+            raise ConfigError(f"config.evals.verification.bin_dir={spec.bin_dir!r}: directory not found")
     roots = [r for r in (spec.bin_dir, config.data.data_dir) if r]
     found = {}
     for root in roots:
-        for p in sorted(glob.glob(os.path.join(root, "*.bin"))):
-            name = os.path.splitext(os.path.basename(p))[0]
+        for p in io.glob(io.check_path(root), "*.bin"):
+            name = io.basename(p)[: -len(".bin")]
             if (not names or name in names) and name not in found:
                 found[name] = p
+    missing = [n for n in names if n not in found]
+    where = " or ".join(str(r) for r in roots) or "(no folder: config.evals.verification.bin_dir is empty)"
+    if spec.every_epochs > 0 and not found:
+        raise ConfigError(f"config.evals.verification: no {'/'.join(names) if names else '*'}.bin found in {where}; "
+                          "set config.evals.verification.bin_dir, or every_epochs=0 to train without validation")
+    if missing:
+        log.warning("validation sets not found in %s: %s (validating on %s)", where,
+                    ", ".join(f"{n}.bin" for n in missing), ", ".join(sorted(found)))
     return found
 
 
@@ -298,15 +389,20 @@ def validate(model_eval, state: TrainState, val_sets: dict[str, tuple], mesh, ba
 class MetricsLog:
     """JSONL file + TensorBoard (clu) on process 0."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, run_dir: RunDir):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = run_dir.metrics
         self.writer = None
+        # An object store cannot append: the log is kept in memory and the object rewritten whole at each log
+        # step (one upload of a few KB); a local file is appended to.
+        self.remote_lines = None
+        if self.enabled and io.is_remote(self.path):
+            self.remote_lines = io.read_text(self.path).splitlines(True) if io.isfile(self.path) else []
         if self.enabled:
             try:
                 from clu import metric_writers  # noqa: PLC0415
-                self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
-                                                                   just_logging=False, asynchronous=True)
+                self.writer = metric_writers.create_default_writer(run_dir.tensorboard, just_logging=False,
+                                                                   asynchronous=True)
             except ImportError as e:  # pragma: no cover - clu is a dependency
                 log.warning("TensorBoard disabled: %s", e)
 
@@ -314,8 +410,13 @@ class MetricsLog:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        line = json.dumps({"step": step, **scalars}) + "\n"
+        if self.remote_lines is None:
+            with io.open(self.path, "a") as f:
+                f.write(line)
+        else:
+            self.remote_lines.append(line)
+            io.write_text(self.path, "".join(self.remote_lines))
         if self.writer is not None:
             self.writer.write_scalars(step, scalars)
 
@@ -356,7 +457,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     Raises ConfigError before compiling on a bad configuration and TooManySkippedSteps after
     ``config.max_skipped_in_row`` consecutive non-finite steps (checked at log steps).
     """
-    os.makedirs(workdir, exist_ok=True)
+    run_dir = RunDir.of(workdir)
     mesh = parallel.make_mesh(devices)
     ndev = mesh.devices.size
     manifest = read_data_manifest(config)
@@ -364,39 +465,48 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     check_data_layout(config)  # before anything is built: the process count must divide the input streams
     spe = steps_per_epoch(config, manifest)
     total_steps = int(config.total_steps) if config.total_steps > 0 else int(config.epochs * spe)
-    ckpt = Checkpointer(workdir, max_to_keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    resume_step = ckpt.latest_step()
+    # Nothing is written into a new workdir until every check has passed (the checkpointer creates folders).
+    open_checkpointer = lambda: Checkpointer(run_dir, max_to_keep=config.checkpoint.keep,  # noqa: E731
+                                             async_save=config.checkpoint.async_save)
+    ckpt = open_checkpointer() if io.isdir(run_dir.checkpoints) else None
+    resume_step = ckpt.latest_step() if ckpt is not None else None
     # Read the fine-tuning weights before anything is built, so a bad --init-from fails at once.
     init_weights = load_init_from(init_from) if (init_from and resume_step is None) else None
     padded = parallel.padded_num_classes(config.num_classes, ndev)
     if resume_step is not None:
-        check_resume_layout(ckpt.read_meta(resume_step), config, workdir, resume_step, ndev)
-        saved_padded = int(ckpt.read_meta(resume_step).get("padded_classes", padded))
+        saved_meta = ckpt.read_meta(resume_step)
+        check_resume_layout(saved_meta, config, run_dir.root, resume_step, ndev)
+        check_resume_model(saved_meta, config, run_dir.root, resume_step)
+        saved_padded = int(saved_meta.get("padded_classes", padded))
         if saved_padded % ndev:
-            raise ConfigError(f"checkpoint in {workdir} has {saved_padded} kernel columns, not divisible by "
-                              f"{ndev} devices")
+            raise ConfigError(f"checkpoint in {run_dir.checkpoints} has {saved_padded} kernel columns, not divisible "
+                              f"by {ndev} devices")
         padded = saved_padded
     trainer = build_trainer(config, mesh, steps_per_epoch=spe, padded_classes=padded)
     state, shardings, train_step = trainer.state, trainer.shardings, trainer.step
     bad_records = 0  # training records replaced because they failed to decode (data.max_bad_records)
     if resume_step is not None:
+        check_checkpoint_shapes(ckpt.item_metadata(resume_step), state.checkpoint_items(),
+                                f"{run_dir.checkpoints} (step {resume_step})")
         state, meta = ckpt.restore(state, mesh, resume_step)
         bad_records = int((meta or {}).get("bad_records", 0))
-        log.info("resumed from %s at step %d", workdir, int(state.step))
+        log.info("resumed from %s at step %d", run_dir, int(state.step))
     elif init_from:
         state = apply_init_from(state, init_from, config, shardings, weights=init_weights)
 
     meta = {"arch": config.model.arch, "head": config.head.name, "num_classes": config.num_classes,
             "padded_classes": padded, "steps_per_epoch": spe, "config": json.loads(config.to_json()),
             "data_layout": data_layout(config), "topology": {"processes": jax.process_count(), "devices": ndev}}
-    metrics_log = MetricsLog(workdir)
-    evaluators = build_evaluators(config)
+    evaluators = build_evaluators(config)  # reads the .bin sets: a bad one fails before anything is written
+    run_dir.create()
+    ckpt = ckpt or open_checkpointer()
+    metrics_log = MetricsLog(run_dir)
     model_eval = trainer.eval_model  # eval: running statistics, no groups
     cpu_convolutions = resolve_cpu_convolutions(config)  # the validation forward's, as the step's
 
     start = int(jax.device_get(state.step))
     if start == 0 and config.sample_grid and config.data.source == "tfrecord" and jax.process_index() == 0:
-        save_augmentation_grid(config.data.data_dir, os.path.join(workdir, "training_samples.png"))
+        save_augmentation_grid(config.data.data_dir, run_dir.training_samples)
     batches = make_input(config, start)
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0 or not config.progress)
@@ -421,7 +531,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                         f"{bad_records} records of {config.data.data_dir} failed to decode by step {step + 1}, more "
                         f"than config.data.max_bad_records={config.data.get('max_bad_records', 0)}; run "
                         f"`adaface-jax check {config.data.data_dir}` to list them. The last checkpoint in "
-                        f"{workdir}/checkpoints is intact.")
+                        f"{run_dir.checkpoints} is intact.")
             state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
             step += 1
             imgs_since += config.global_batch_size
@@ -442,7 +552,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                     ckpt.close()
                     raise TooManySkippedSteps(
                         f"{int(last['skipped_in_row'])} consecutive steps had a non-finite loss or gradient "
-                        f"(step {step}); stopping. The last good checkpoint is intact in {workdir}/checkpoints "
+                        f"(step {step}); stopping. The last good checkpoint is intact in {run_dir.checkpoints} "
                         f"(latest step {ckpt.latest_step()}).")
             bar.update(1)
             if config.debug_step_delay_s:
