@@ -452,3 +452,93 @@ def staged_dir(path: PathLike):
                 _upload(os.path.join(folder, name), dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Added for the evaluation, deployment and photo commands
+# ----------------------------------------------------------------------------------------------------
+def file_info(path: PathLike) -> tuple:
+    """``(size in bytes, modification time in ns)`` of a file (an object store gives whole seconds)."""
+    path = os.fspath(path)
+    if is_remote(path):
+        st = _epath(path).stat()
+        return int(st.length), int(st.mtime or 0) * 1_000_000_000
+    st = os.stat(path)
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def readable(path: PathLike):
+    """What readers that take a file name or a file object (``np.load``, PIL, ``scipy.io.loadmat``) can
+    open: a local path as it is, a remote file's content as an in-memory ``BytesIO``."""
+    import io as _stdio  # noqa: PLC0415  (this module is the file layer named io)
+
+    path = os.fspath(path)
+    return _stdio.BytesIO(read_bytes(path)) if is_remote(path) else path
+
+
+def check_creatable_dir(path: PathLike, what: str = "output directory") -> str:
+    """``check_output_dir``, and a local folder that does not exist yet can be created: the nearest
+    existing folder above it is a writable folder. Returns the canonical path."""
+    path = check_output_dir(path, what)
+    if is_remote(path):
+        return path
+    d = path
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: cannot create files under {d} (not a writable folder)")
+    return path
+
+
+def publish_dir(local_dir: str, path: PathLike, last=()) -> str:
+    """Copy the files of a finished local folder into ``path`` (local or remote; folders are created),
+    each file written atomically; the relative paths in ``last`` ('/'-separated) are written last, in
+    that order, so that a marker (a results.json, a meta file) appears only after everything else."""
+    path = os.fspath(path)
+    files = []
+    for folder, _, names in walk(local_dir):
+        rel = os.path.relpath(folder, local_dir)
+        files += [name if rel == "." else "/".join(rel.split(os.sep) + [name]) for name in names]
+    order = [f for f in sorted(files) if f not in last] + [f for f in last if f in files]
+    for rel in order:
+        dst = join(path, *rel.split("/"))
+        makedirs(dirname(dst))
+        copy(os.path.join(local_dir, *rel.split("/")), dst)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Added for the data commands (prepare, synthesize, check)
+# ----------------------------------------------------------------------------------------------------
+# A verification .bin is a pickle (InsightFace writes protocol 2-4, all starting with the PROTO opcode):
+# check_output_file(..., suffixes=(".bin",)) then replaces only an earlier .bin, never another file.
+MAGIC.setdefault(".bin", b"\x80")
+
+
+def scandir(folder: PathLike) -> tuple:
+    """``(subfolder names, file names, other names)`` of one folder, each sorted; "other" is what is neither a
+    folder nor a regular file (a FIFO, a socket, a device, a broken link), which a reader must not open.
+    A folder that cannot be listed raises OSError naming it (``os.walk`` and ``walk`` skip it silently).
+    On gs:// it costs one listing: the object store returns subfolders as names ending in '/'."""
+    import errno  # noqa: PLC0415
+
+    folder = os.fspath(folder)
+    dirs, files, other = [], [], []
+    if is_remote(folder):
+        import tensorflow as tf  # noqa: PLC0415  (etils.epath's gs:// backend; loaded only for remote paths)
+
+        try:
+            names = tf.io.gfile.listdir(folder)
+        except tf.errors.OpError as err:
+            raise OSError(errno.EIO, " ".join(str(err.message).split()) or type(err).__name__, folder) from None
+        for name in names:
+            (dirs if name.endswith("/") else files).append(name.rstrip("/"))
+        return sorted(set(dirs)), sorted(files), other
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                kind = dirs if entry.is_dir() else files if entry.is_file() else other
+            except OSError:  # e.g. a symbolic link loop
+                kind = other
+            kind.append(entry.name)
+    return sorted(dirs), sorted(files), sorted(other)

@@ -3,11 +3,13 @@
 The file is a pickle, so it is read with an unpickler that resolves only the few numpy globals needed to
 rebuild uint8/bool arrays; anything else (os.system, eval, ...) is refused before it can run.
 Images are decoded with cv2.imdecode(IMREAD_COLOR), which yields BGR, the order the model expects.
+The .bin and the decoded cache may be local or on gs:// (``adaface_jax.io``); a local cache is memory-mapped,
+a remote one is read into memory.
 """
 from __future__ import annotations
 
 import hashlib
-import io
+import io as _stdio
 import os
 import pickle
 from typing import Any
@@ -17,8 +19,8 @@ import numpy as np
 from numpy._core.multiarray import _reconstruct, scalar
 from numpy._core.numeric import _frombuffer
 
+from adaface_jax import io
 from adaface_jax.errors import InputError
-from adaface_jax.io import atomic_write, save_npy, write_json
 
 IMAGE_SIZE = 112
 
@@ -76,14 +78,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def safe_unpickle_bin(path: str) -> tuple[list, np.ndarray]:
     """Returns (list of encoded images as bytes-like, issame bool array) from a .bin file, safely."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:
+    path = io.check_path(path, ".bin")
+    with (io.open(path, "rb") if not io.is_remote(path) else _stdio.BytesIO(io.read_bytes(path))) as f:
         try:
-            payload = _RestrictedUnpickler(io.BufferedReader(f), path).load()
+            payload = _RestrictedUnpickler(_stdio.BufferedReader(f) if not io.is_remote(path) else f, path).load()
         except InputError:
             raise
         except Exception as err:  # noqa: BLE001  (anything a damaged or foreign file makes pickle raise)
-            size = os.path.getsize(path)
+            size = io.getsize(path)
             raise InputError(f"{path}: not a .bin verification set: it is not a readable pickle ({size} bytes; "
                              f"{type(err).__name__}: {err}); expected pickle((list of encoded images, list of "
                              "bools))") from None
@@ -137,8 +139,8 @@ def decode_bin_images(bins: list, path: str = "<bins>", image_size: int | None =
 
 
 def _cache_key(path: str) -> str:
-    stat = os.stat(path)
-    ident = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    size, mtime_ns = io.file_info(path)
+    ident = f"{io.check_path(path)}|{size}|{mtime_ns}"
     return hashlib.sha1(ident.encode()).hexdigest()[:16]
 
 
@@ -155,26 +157,39 @@ def load_bin(path: str, cache_dir: str | None = None, image_size: int | None = I
     Returns:
       images uint8 BGR (2N, H, W, 3) and issame bool (N,); pair i is images 2i and 2i+1.
     """
-    path = os.fspath(path)
+    path = io.check_path(path, ".bin")
     if cache_dir is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        stem = os.path.join(cache_dir, f"{os.path.splitext(os.path.basename(path))[0]}.{_cache_key(path)}")
-        images_file, issame_file = stem + ".images.npy", stem + ".issame.npy"
-        if os.path.exists(images_file) and os.path.exists(issame_file):
-            return np.load(images_file, mmap_mode="r"), np.load(issame_file)
+        cache_dir = io.check_output_dir(cache_dir, "cache folder")
+        if not io.isfile(path):  # before the cache folder is created
+            raise FileNotFoundError(2, "No such file or directory", path)
+        stem = io.join(cache_dir, f"{os.path.splitext(io.basename(path))[0]}.{_cache_key(path)}")
+        images_file, issame_file, meta_file = stem + ".images.npy", stem + ".issame.npy", stem + ".json"
+        for out, suffix in ((images_file, ".npy"), (issame_file, ".npy"), (meta_file, ".json")):
+            if io.exists(out):  # a name of ours in a folder of someone else's files: replace only an earlier cache
+                io.check_output_file(out, "cache file", suffixes=(suffix,))
+        if io.isfile(images_file) and io.isfile(issame_file):
+            return _load_npy(images_file), _load_npy(issame_file, mmap=False)
     bins, issame = safe_unpickle_bin(path)
     images = decode_bin_images(bins, path, image_size)
     if cache_dir is not None:
-        save_npy(issame_file, issame)
-        save_npy(images_file, images)
-        write_json(stem + ".json", {"source": os.path.abspath(path), "num_pairs": int(len(issame))})
-        return np.load(images_file, mmap_mode="r"), issame
+        io.makedirs(cache_dir)
+        io.save_npy(issame_file, issame)
+        io.save_npy(images_file, images)
+        io.write_json(meta_file, {"source": path, "num_pairs": int(len(issame))})  # the cache's marker, last
+        return _load_npy(images_file), issame
     return images, issame
+
+
+def _load_npy(path: str, mmap: bool = True) -> np.ndarray:
+    """A cached array: memory-mapped read-only from a local disk, read into memory from gs://."""
+    if io.is_remote(path):
+        return np.load(io.readable(path))
+    return np.load(path, mmap_mode="r" if mmap else None)
 
 
 def write_bin(path: str, encoded_images: list[bytes], issame: list[bool] | np.ndarray) -> None:
     """Writes a .bin in the InsightFace layout (pickle protocol 4 of (list of bytes, list of bools)), atomically."""
     if len(encoded_images) != 2 * len(issame):
         raise ValueError(f"write_bin: {len(encoded_images)} images for {len(issame)} pairs (need 2 per pair)")
-    with atomic_write(path) as f:
+    with io.atomic_write(path) as f:
         pickle.dump(([bytes(b) for b in encoded_images], [bool(s) for s in issame]), f, protocol=4)

@@ -6,6 +6,11 @@ parses as our Example ('image', 'label'), its image decodes completely with the 
 (data_pipeline.input.decode_any: TensorFlow, JPEG with the accurate integer IDCT), 0 <= label <
 num_classes, and the per-shard, total and per-class counts equal the manifest's. Every bad record is named
 by shard file and record index (its position in the shard, from 0).
+
+DATA_DIR is a local folder or a gs:// URL. A folder without manifest.json is refused naming what is missing
+(and, for an interrupted conversion, that it is unfinished): the manifest is written last, so a dataset
+without one is not finished. A gs:// shard is downloaded once to a local temporary file, whose checksum
+and records are then checked (one transfer per shard instead of two).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import time
 import tensorflow as tf
 from tqdm import tqdm
 
+from adaface_jax import io
 from data_pipeline.convert import tf_error_text, training_decode_error
 from data_pipeline.input import hide_gpus_from_tf
 
@@ -55,16 +61,44 @@ def check_dataset(data_dir: str, *, show_progress: bool = True, threads: int | N
 
 
     hide_gpus_from_tf()
-    data_dir = os.path.abspath(data_dir)
+    data_dir = io.check_path(data_dir, "dataset folder")
     manifest = read_manifest(data_dir)
     num_classes = int(manifest["num_classes"])
     problems, bad = [], []
     class_counts: collections.Counter = collections.Counter()
     total = 0
     start = time.time()
-    bar = tqdm(total=int(manifest["num_images"]), desc=f"check {os.path.basename(data_dir)}", unit="img",
+    bar = tqdm(total=int(manifest["num_images"]), desc=f"check {io.basename(data_dir)}", unit="img",
                dynamic_ncols=True, smoothing=0.1, disable=None if show_progress else True)
     threads = threads or min(8, os.cpu_count() or 1)
+
+    def check_shard(local, fname, shard, flush, bad_record) -> int:
+        """Checks one shard file (a local file); returns its number of readable records."""
+        size = io.getsize(local)
+        if "num_bytes" in shard and size != shard["num_bytes"]:
+            problems.append(f"{fname}: {size} bytes, manifest says {shard['num_bytes']}")
+        if checksums and "sha256" in shard and file_sha256(local) != shard["sha256"]:
+            problems.append(f"{fname}: sha256 differs from the manifest (the file changed after it was written)")
+        count, chunk = 0, []
+        records = iter(tf.data.TFRecordDataset(local, buffer_size=1 << 20))
+        while True:
+            try:
+                raw = next(records).numpy()
+            except StopIteration:
+                break
+            except tf.errors.OpError as err:  # CRC mismatch, truncation: the rest of the shard is unreadable
+                text = tf_error_text(err)
+                bad_record(fname, count, f"unreadable TFRecord framing ({text}); the shard cannot be read "
+                                         "past this record")
+                break
+            chunk.append((count, raw))
+            count += 1
+            if len(chunk) >= CHUNK:
+                flush(fname, chunk)
+        flush(fname, chunk)
+        if count != shard["num_images"]:
+            problems.append(f"{fname}: {count} readable records, manifest says {shard['num_images']}")
+        return count
 
     def bad_record(fname, index, reason):
         bad.append({"file": fname, "record": index, "reason": reason})
@@ -83,35 +117,12 @@ def check_dataset(data_dir: str, *, show_progress: bool = True, threads: int | N
 
         for shard in manifest["shards"]:
             fname = shard["file"]
-            path = os.path.join(data_dir, fname)
-            if not os.path.isfile(path):
+            path = io.join(data_dir, fname)
+            if not io.isfile(path):
                 problems.append(f"{fname}: shard file missing ({shard['num_images']} records unchecked)")
                 continue
-            size = os.path.getsize(path)
-            if "num_bytes" in shard and size != shard["num_bytes"]:
-                problems.append(f"{fname}: {size} bytes, manifest says {shard['num_bytes']}")
-            if checksums and "sha256" in shard and file_sha256(path) != shard["sha256"]:
-                problems.append(f"{fname}: sha256 differs from the manifest (the file changed after it was written)")
-            count, chunk = 0, []
-            records = iter(tf.data.TFRecordDataset(path, buffer_size=1 << 20))
-            while True:
-                try:
-                    raw = next(records).numpy()
-                except StopIteration:
-                    break
-                except tf.errors.OpError as err:  # CRC mismatch, truncation: the rest of the shard is unreadable
-                    text = tf_error_text(err)
-                    bad_record(fname, count, f"unreadable TFRecord framing ({text}); the shard cannot be read "
-                                             "past this record")
-                    break
-                chunk.append((count, raw))
-                count += 1
-                if len(chunk) >= CHUNK:
-                    flush(fname, chunk)
-            flush(fname, chunk)
-            total += count
-            if count != shard["num_images"]:
-                problems.append(f"{fname}: {count} readable records, manifest says {shard['num_images']}")
+            with io.local_copy(path) as local:
+                total += check_shard(local, fname, shard, flush, bad_record)
     bar.close()
     if total != manifest["num_images"] and not problems:
         problems.append(f"{total} records in the shards, manifest says num_images={manifest['num_images']}")

@@ -20,6 +20,12 @@ process's share plus read-buffer overshoot (``io_amplification`` computes the fi
 Starting at `start_step` yields exactly the batch that step had in an uninterrupted run (the skipped records
 of the epoch are read and shuffled but not decoded: resuming late in a 5.8M-image epoch spends some seconds).
 
+Datasets on gs://: the manifest is read through ``adaface_jax.io`` and tf.data reads the TFRecords straight
+from the bucket. A bucket answers each read after tens of milliseconds, so for a remote dataset the pieces of a
+stream and the streams themselves are read in parallel (``TrainInputConfig.parallel_reads``, default
+tf.data.AUTOTUNE for gs:// and sequential for a local disk) with ``deterministic=True``: the same records in
+the same order as a sequential read, so the batches (and an exact resume) do not depend on where the data lives.
+
 Bad records: a record whose framing is broken (CRC mismatch, truncated shard) ends that shard's reading
 for the epoch and the stream is topped up with empty placeholder records, so every epoch still has exactly
 steps_per_epoch batches. A batch whose records do not all parse and decode is rebuilt by
@@ -38,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import gen_dataset_ops
 
-from adaface_jax.io import write_bytes
+from adaface_jax import io
 
 from . import augment as augment_lib
 from .manifest import read_manifest, shard_paths
@@ -80,6 +86,10 @@ class TrainInputConfig:
     prefetch_batches: int = 2
     threads: int | None = None  # size of a private tf.data thread pool (None: TensorFlow's default)
     num_streams: int = 64  # logical input streams (the effective count is gcd(num_streams, global_batch_size))
+    # Reads in flight: None = tf.data.AUTOTUNE for a gs:// dataset (each read waits tens of ms on the bucket, so
+    # sequential reads would starve the decoders), 0 = sequential (a local disk: parallel reading costs CPU per
+    # row and gains nothing there), n > 0 = n. The batches are the same for every setting (deterministic order).
+    parallel_reads: int | None = None
 
     @property
     def local_batch_size(self) -> int:
@@ -181,10 +191,6 @@ class _TFRecordsFromOffset(tf.data.Dataset):
         return tf.TensorSpec([], tf.string)
 
 
-def _open(path: str):
-    return tf.io.gfile.GFile(path, "rb") if "://" in path else open(path, "rb")
-
-
 def record_offsets(path: str, indices) -> dict[int, int]:
     """{record index: byte offset} in a TFRecord file, from the records' length fields (8-byte little-endian
     length + 4-byte CRC + data + 4-byte CRC; only the headers are read). An index past the end of the file (or
@@ -192,7 +198,7 @@ def record_offsets(path: str, indices) -> dict[int, int]:
     truncated shard."""
     wanted = sorted({int(i) for i in indices})
     out: dict[int, int] = {}
-    with _open(path) as f:
+    with io.open(path, "rb") as f:
         size = f.seek(0, 2) if not hasattr(f, "size") else f.size()
         offset, index = 0, 0
         for target in wanted:
@@ -296,18 +302,28 @@ def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0, safe_decode: 
     safe_decode: undecodable records are replaced (see the module doc) and batches carry 'bad_records'
     (int32); slower than the normal path, which `make_train_iterator` uses only to rebuild a failed batch."""
     hide_gpus_from_tf()
-    manifest = read_manifest(cfg.data_dir)
+    data_dir = io.check_path(cfg.data_dir, "dataset folder")
+    manifest = read_manifest(data_dir)
     num_streams = effective_streams(cfg.num_streams, cfg.global_batch_size)
     local = process_streams(num_streams, cfg.process_index, cfg.process_count)
     layout = stream_layout(manifest, num_streams)
-    all_files = shard_paths(cfg.data_dir, manifest)
+    all_files = shard_paths(data_dir, manifest)
     read = sorted({k for s in local for k, _, _ in layout[s]})
-    missing = [all_files[k] for k in read if not os.path.exists(all_files[k])]
+    missing = [all_files[k] for k in read if not io.exists(all_files[k])]
     if missing:
-        raise FileNotFoundError(f"{cfg.data_dir}: shard files listed in manifest.json are missing: {missing[:3]}")
+        raise FileNotFoundError(f"{data_dir}: shard files listed in manifest.json are missing: {missing[:3]}")
     b_local = cfg.local_batch_size
     rows = cfg.global_batch_size // num_streams  # rows each stream supplies per step
     spe = steps_per_epoch(cfg, manifest)
+    reads = cfg.parallel_reads if cfg.parallel_reads is not None else \
+        (tf.data.AUTOTUNE if io.is_remote(data_dir) else 0)
+
+    def parallel(cycle: int) -> dict:
+        """interleave() arguments: sequential, or `reads` in flight (at most the cycle), in sequential order."""
+        if not reads:
+            return {}
+        return {"num_parallel_calls": reads if reads == tf.data.AUTOTUNE else min(int(reads), cycle),
+                "deterministic": True}
     per_stream_epoch = spe * rows
     start_epoch, step_in_epoch = divmod(int(start_step), spe)
     channel_order = manifest["channel_order"]
@@ -338,7 +354,9 @@ def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0, safe_decode: 
         order = tf.random.experimental.stateless_shuffle(tf.range(counts_t[i]), seed=key)
         pieces = tf.data.Dataset.from_tensor_slices((tf.gather(files_t[i], order), tf.gather(skips_t[i], order),
                                                      tf.gather(takes_t[i], order), tf.gather(buffers_t[i], order)))
-        ds = pieces.interleave(read_piece, cycle_length=max(1, cfg.cycle_length), block_length=1)
+        # parallel (remote data): up to cycle_length pieces of the stream are read at once, in the same order
+        ds = pieces.interleave(read_piece, cycle_length=max(1, cfg.cycle_length), block_length=1,
+                               **parallel(max(1, cfg.cycle_length)))
         ds = ds.shuffle(buffer, seed=(seed * 1_000_003 + epoch) * 1_009 + stream, reshuffle_each_iteration=False)
         # top up with empty (bad) records if a broken shard fell short: every epoch has exactly per_stream_epoch
         return ds.concatenate(tf.data.Dataset.from_tensors(tf.constant(b"")).repeat()).take(per_stream_epoch)
@@ -375,8 +393,9 @@ def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0, safe_decode: 
         return out
 
     # rows R of local stream 0, R of local stream 1, ...: this process's block of the global batch, in order.
-    # (A sequential interleave: reading costs little next to decoding, and a parallel one costs more CPU per row.)
-    ds = tf.data.Dataset.range(len(local)).interleave(stream, cycle_length=len(local))
+    # (Local data: a sequential interleave; reading costs little next to decoding, and a parallel one costs more
+    # CPU per row. Remote data: the streams read in parallel, deterministic, so reads overlap one another.)
+    ds = tf.data.Dataset.range(len(local)).interleave(stream, cycle_length=len(local), **parallel(len(local)))
     ds = ds.batch(len(local), drop_remainder=True).map(lambda records: tf.reshape(records, [b_local]))
     ds = ds.enumerate(start=int(start_step))  # the global step of each batch
     ds = ds.map(finish, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
@@ -432,6 +451,7 @@ def save_augmentation_grid(source, path_png: str, num_images: int = 8, seed: int
     """
     if isinstance(source, (str, os.PathLike)):
         hide_gpus_from_tf()
+        source = io.check_path(source, "dataset folder")
         manifest = read_manifest(source)
         raw = tf.data.TFRecordDataset(shard_paths(source, manifest)[:1]).take(num_images)
         spec, size = parse_features(), 112
@@ -449,9 +469,10 @@ def save_augmentation_grid(source, path_png: str, num_images: int = 8, seed: int
         images = _to_uint8_bgr(batch["image"])[:num_images * 4]
         rows = [list(images[i:i + num_images]) for i in range(0, len(images), num_images)]
     grid_bgr = _tile(rows)
-    os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
+    path_png = io.check_path(path_png, "sample grid")
+    io.makedirs(io.dirname(path_png))
     # cv2.imwrite takes BGR and stores standard RGB PNG, so the saved picture shows true colours.
     ok, png = cv2.imencode(".png", grid_bgr)
     if not ok:
         raise OSError(f"could not encode {path_png}")
-    return write_bytes(path_png, png.tobytes())
+    return io.write_bytes(path_png, png.tobytes())

@@ -17,8 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
+from adaface_jax import io
 from adaface_jax.errors import InputError
-from adaface_jax.io import atomic_path
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -94,13 +94,13 @@ def encode_record(data: bytes) -> bytes:
 
 class RecordIOWriter:
     """Writes a .rec (and .idx when idx_path is given) atomically: each goes to a temp name next to it
-    (``adaface_jax.io.atomic_path``) and is renamed on close(); abort() leaves any earlier files intact."""
+    (``adaface_jax.io.atomic_path``; a gs:// target is uploaded once, whole) and is renamed on close(); abort() leaves any earlier files intact."""
 
     def __init__(self, rec_path: str, idx_path: str | None = None):
         self.rec_path, self.idx_path = os.fspath(rec_path), idx_path and os.fspath(idx_path)
         self._files = contextlib.ExitStack()
-        self._rec = open(self._files.enter_context(atomic_path(self.rec_path)), "wb")
-        self._idx = open(self._files.enter_context(atomic_path(self.idx_path)), "w") if self.idx_path else None
+        self._rec = io.open(self._files.enter_context(io.atomic_path(self.rec_path)), "wb")
+        self._idx = io.open(self._files.enter_context(io.atomic_path(self.idx_path)), "w") if self.idx_path else None
         self._offset = 0
 
     def write(self, data: bytes, key: int | None = None) -> int:
@@ -138,7 +138,7 @@ class RecordIOWriter:
 def read_idx(idx_path: str) -> dict[int, int]:
     """Parses "key<TAB>offset" lines into {key: offset}; raises naming the line on bad input."""
     index = {}
-    with open(idx_path) as f:
+    with io.open(idx_path, "r") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -163,10 +163,11 @@ class RecordIOReader:
         self.path = os.fspath(rec_path)
         if idx_path is None:
             guess = os.path.splitext(self.path)[0] + ".idx"
-            idx_path = guess if os.path.exists(guess) else None
+            idx_path = guess if io.exists(guess) else None
         self.idx_path = idx_path
-        self.file_size = os.path.getsize(self.path)
-        self._f = open(self.path, "rb")
+        self.file_size = io.getsize(self.path)
+        self._files = contextlib.ExitStack()  # io.open of a gs:// path is a context manager, not a file
+        self._f = self._files.enter_context(io.open(self.path, "rb"))  # a gs:// .rec is read in place
         self.corrupt: list[tuple[int, int, str]] = []  # (index, offset, reason) met while scanning
         if offsets is not None:
             self.offsets = dict(offsets)
@@ -176,7 +177,7 @@ class RecordIOReader:
             self.offsets = dict(self._scan(skip_corrupt))
 
     def close(self):
-        self._f.close()
+        self._files.close()
 
     def __enter__(self):
         return self
@@ -221,7 +222,7 @@ class RecordIOReader:
     def _scan(self, skip_corrupt: bool) -> Iterator[tuple[int, int]]:
         """(position, offset) of all records in order; position is the key (a skipped record keeps its number). A broken record raises, or with skip_corrupt is recorded in
         self.corrupt and reading resumes at the next aligned magic word."""
-        with open(self.path, "rb") as f:
+        with io.open(self.path, "rb") as f:
             pos, index = 0, 0
             while pos < self.file_size:
                 try:

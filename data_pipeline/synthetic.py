@@ -14,8 +14,8 @@ import os
 import cv2
 import numpy as np
 
+from adaface_jax import io
 from adaface_jax.errors import InputError
-from adaface_jax.io import save_npy
 from data_pipeline.bin_reader import write_bin
 from data_pipeline.convert import SourcePlan, write_dataset
 
@@ -177,9 +177,13 @@ def records(task: dict, stats: dict):
 def write_synthetic_dataset(out_dir: str, num_identities: int = 200, images_per_identity: int = 20, seed: int = 0,
                             *, identity_offset: int = 0, severity: float | None = None, image_format: str = "jpg",
                             num_workers: int | None = None, num_shards: int | None = None,
-                            show_progress: bool = True, force: bool = False) -> dict:
-    """Renders identities [offset, offset+N) x K images to TFRecord shards + manifest (quality feature).
-    force: replace a dataset of another source in out_dir (otherwise InputError; the same one resumes)."""
+                            show_progress: bool = True, force: bool = False,
+                            verification: dict | None = None) -> dict:
+    """Renders identities [offset, offset+N) x K images to TFRecord shards + manifest (quality feature) in
+    out_dir (local or gs://). force: replace a dataset of another source in out_dir (otherwise InputError; the
+    same one resumes). verification: {'name', 'num_identities', 'num_pairs'} also writes held-out pairs as
+    out_dir/name (write_verification_bin) after the shards and before the manifest, which records it under
+    'verification' -- so a dataset that looks finished has its .bin too."""
     check_synthetic_args(num_identities, images_per_identity, severity)
     n = num_identities * images_per_identity
     items = [(identity_offset + i, k, i * images_per_identity + k)
@@ -194,8 +198,15 @@ def write_synthetic_dataset(out_dir: str, num_identities: int = 200, images_per_
         num_workers = 0 if n < 50_000 else (os.cpu_count() or 1)  # spawning TF workers costs ~5 s each
     if num_shards is None:
         num_shards = max(4, int(np.ceil(n * 4500 / (150 << 20))))
+    before_manifest = None
+    if verification:
+        def before_manifest(folder):
+            info = write_verification_bin(io.join(folder, verification["name"]), verification["num_identities"],
+                                          verification["num_pairs"], seed)
+            return {"verification": {"bin": io.basename(info["bin"]), "quality": io.basename(info["quality"]),
+                                     "num_pairs": info["num_pairs"]}}
     return write_dataset(plan, out_dir, name="synthetic_faces", num_workers=num_workers, num_shards=num_shards,
-                         show_progress=show_progress, force=force)
+                         show_progress=show_progress, force=force, before_manifest=before_manifest)
 
 
 def verification_pairs(num_pairs: int, num_identities: int, seed: int,
@@ -224,6 +235,9 @@ def write_verification_bin(path: str, num_identities: int = 100, num_pairs: int 
 
     if num_identities < 2:
         raise ValueError("need at least 2 identities for different-identity pairs")
+    path = io.check_output_file(path, "verification .bin", suffixes=(".bin",))
+    quality_path = io.check_output_file(os.path.splitext(path)[0] + ".quality.npy", "verification quality",
+                                        suffixes=(".npy",))
     images, issame, quality = [], [], []
     for ida, ima, idb, imb, same in verification_pairs(num_pairs, num_identities, seed, identity_offset):
         for identity, index in ((ida, ima), (idb, imb)):
@@ -231,9 +245,8 @@ def write_verification_bin(path: str, num_identities: int = 100, num_pairs: int 
             images.append(encode(image, image_format))
             quality.append(q)
         issame.append(same)
+    io.save_npy(quality_path, np.asarray(quality, np.float32))
     write_bin(path, images, issame)
-    quality_path = os.path.splitext(path)[0] + ".quality.npy"
-    save_npy(quality_path, np.asarray(quality, np.float32))
     return {"bin": path, "quality": quality_path, "num_pairs": num_pairs}
 
 

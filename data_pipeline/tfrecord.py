@@ -8,12 +8,11 @@ the TFRecord framing, which needs CRC32C, uses tf.io.TFRecordWriter.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 
 import tensorflow as tf
 
-from adaface_jax.io import atomic_path
+from adaface_jax import io
 
 IMAGE_KEY, LABEL_KEY, INDEX_KEY, QUALITY_KEY = "image", "label", "index", "quality"
 
@@ -64,22 +63,23 @@ def shard_filename(name: str, shard: int, num_shards: int) -> str:
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with io.open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
 def write_tfrecord_atomic(path: str, serialized_examples) -> tuple[int, int, str]:
-    """Writes examples to `path` via a temporary name; returns (count, num_bytes, sha256)."""
+    """Writes examples to `path` (local or gs://) through a local temporary file, renamed over it or uploaded
+    once to it when complete (``adaface_jax.io.atomic_path``); returns (count, num_bytes, sha256)."""
 
     count = 0
-    with atomic_path(path) as tmp:
+    with io.atomic_path(path) as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
             for example in serialized_examples:
                 writer.write(example)
                 count += 1
-        digest, size = file_sha256(tmp), os.path.getsize(tmp)
+        digest, size = file_sha256(tmp), io.getsize(tmp)
     return count, size, digest
 
 

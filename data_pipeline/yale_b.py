@@ -10,13 +10,13 @@ direction (the ``_Ambient`` images of the full database) are skipped.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from adaface_jax import io
 from adaface_jax.errors import InputError
 
 NAME = re.compile(r"^(yaleB\d+)_P00A([+-]\d{3})E([+-]\d{2})\.(jpe?g|pgm|png)$", re.IGNORECASE)
@@ -61,23 +61,22 @@ def to_square(image_grey: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_yale_b(root: str, size: int = 112) -> YaleB:
-    """Every image of the cropped Extended Yale B folder ``root`` (see the module docstring)."""
-    if not os.path.isdir(root):
+    """Every image of the cropped Extended Yale B folder ``root`` (local or gs://; see the module docstring)."""
+    root = io.check_path(root, "Yale B folder")
+    if not io.isdir(root):
         raise InputError(f"{root}: not a folder; expected the cropped Extended Yale B root "
                          "(yaleBNN/yaleBNN_P00A+000E+00.jpg ...)")
     entries = []
-    for sub in sorted(os.listdir(root)):
-        folder = os.path.join(root, sub)
-        if not os.path.isdir(folder):
-            continue
-        for name in sorted(os.listdir(folder)):
+    for sub in io.scandir(root)[0]:
+        folder = io.join(root, sub)
+        for name in io.scandir(folder)[1]:
             parsed = parse_name(name)
             if parsed is None:
                 continue
             subject, az, el = parsed
             if subject.lower() != sub.lower():
-                raise InputError(f"{os.path.join(sub, name)}: file of subject {subject} in folder {sub}")
-            entries.append((sub, os.path.join(sub, name), az, el))
+                raise InputError(f"{sub}/{name}: file of subject {subject} in folder {sub}")
+            entries.append((sub, f"{sub}/{name}", az, el))
     subjects = tuple(sorted({e[0] for e in entries}))
     if len(subjects) < 2:
         raise InputError(f"{root}: found {len(subjects)} subject folder(s) with yaleBNN_P00A±aaaE±ee images; "
@@ -85,8 +84,9 @@ def load_yale_b(root: str, size: int = 112) -> YaleB:
     index = {s: i for i, s in enumerate(subjects)}
     images = np.empty((len(entries), size, size, 3), np.uint8)
     for k, (_, rel, _, _) in enumerate(entries):
-        path = os.path.join(root, rel)
-        grey = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+        path = io.join(root, *rel.split("/"))
+        data = np.frombuffer(io.read_bytes(path), np.uint8)
+        grey = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None  # cv2 asserts on 0 bytes
         if grey is None or grey.size == 0:
             raise InputError(f"{path}: not a decodable image (expected a 168x192 greyscale face)")
         images[k] = to_square(grey, size)
@@ -94,7 +94,7 @@ def load_yale_b(root: str, size: int = 112) -> YaleB:
     el = np.array([e[3] for e in entries], np.float32)
     if np.any(np.abs(az) > 180) or np.any(np.abs(el) > 90):
         bad = next(e[1] for e in entries if abs(e[2]) > 180 or abs(e[3]) > 90)
-        raise InputError(f"{os.path.join(root, bad)}: light direction out of range (|A| <= 180, |E| <= 90)")
+        raise InputError(f"{io.join(root, *bad.split('/'))}: light direction out of range (|A| <= 180, |E| <= 90)")
     return YaleB(images=images, labels=np.array([index[e[0]] for e in entries], np.int32), azimuth=az,
                  elevation=el, quality=light_quality(az, el).astype(np.float32), subjects=subjects,
                  files=tuple(e[1] for e in entries))

@@ -263,7 +263,7 @@ def test_output_path_that_is_a_file(tmp_path, capsys):
     image_folder(tmp_path / "a", classes=2, per_class=1)
     target = tmp_path / "file.txt"
     target.write_text("keep me")
-    fail(capsys, ["prepare", "folder", str(tmp_path / "a"), str(target)], str(target), "not a folder")
+    fail(capsys, ["prepare", "folder", str(tmp_path / "a"), str(target)], str(target), "not a directory")
     fail(capsys, ["synthesize", str(target), "--identities", "2", "--images-per-identity", "1"], str(target))
     assert target.read_text() == "keep me"
 

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output dataset directory")
+    parser.epilog = ("OUT is a local folder or a gs:// URL. The verification .bin is written with the shards and "
+                     "before manifest.json, which comes last: an interrupted run is never taken for a finished "
+                     "dataset, and rerunning the same command resumes it. OUT may not be an existing file, and an "
+                     "existing file at --val-name is replaced only when it is an earlier .bin.")
+    parser.add_argument("out", help="output dataset directory (local or gs://)")
     parser.add_argument("--identities", type=int, default=200)
     parser.add_argument("--images-per-identity", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -25,10 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from adaface_jax import io  # noqa: PLC0415
     from adaface_jax.errors import InputError  # noqa: PLC0415
     from data_pipeline import synthetic  # noqa: PLC0415
 
     # every argument is checked before anything is rendered
+    out = io.check_output_dir(args.out, "output folder")
     synthetic.check_synthetic_args(args.identities, args.images_per_identity, args.severity)
     if args.workers is not None and args.workers < 0:
         raise InputError(f"--workers {args.workers}: expected 0 (in this process) or a positive count")
@@ -37,15 +42,26 @@ def run(args: argparse.Namespace) -> int:
                          "non-negative counts (0: no verification .bin)")
     if args.val_identities == 1 and args.val_pairs > 0:
         raise InputError("--val-identities 1: need at least 2 held-out identities for different-identity pairs")
-    if os.path.basename(args.val_name) != args.val_name or not args.val_name:
+    if not args.val_name or "/" in args.val_name or args.val_name in (".", ".."):
         raise InputError(f"--val-name {args.val_name!r}: expected a plain file name (written inside OUT)")
-    manifest = synthetic.write_synthetic_dataset(args.out, args.identities, args.images_per_identity, args.seed,
-                                                 severity=args.severity, image_format=args.format,
-                                                 num_workers=args.workers, force=args.force)
-    result = {"out": os.path.abspath(args.out), "num_images": manifest["num_images"],
-              "num_classes": manifest["num_classes"], "quality_mean": manifest.get("quality", {}).get("mean")}
+    verification = None
     if args.val_identities > 0 and args.val_pairs > 0:
-        result["verification"] = synthetic.write_verification_bin(
-            os.path.join(args.out, args.val_name), args.val_identities, args.val_pairs, args.seed)
+        if not args.val_name.lower().endswith(".bin"):
+            raise InputError(f"--val-name {args.val_name!r}: expected a file name ending in .bin")
+        val_path = io.join(out, args.val_name)
+        if io.isdir(out) or io.is_remote(out):  # an existing file there is replaced only if it is an earlier .bin
+            io.check_output_file(val_path, "--val-name", suffixes=(".bin",))
+            io.check_output_file(val_path[:-4] + ".quality.npy", "verification quality", suffixes=(".npy",))
+        verification = {"name": args.val_name, "num_identities": args.val_identities, "num_pairs": args.val_pairs}
+    manifest = synthetic.write_synthetic_dataset(out, args.identities, args.images_per_identity, args.seed,
+                                                 severity=args.severity, image_format=args.format,
+                                                 num_workers=args.workers, force=args.force,
+                                                 verification=verification)
+    result = {"out": out, "num_images": manifest["num_images"], "num_classes": manifest["num_classes"],
+              "quality_mean": manifest.get("quality", {}).get("mean")}
+    if verification is not None:
+        info = manifest["verification"]
+        result["verification"] = {"bin": io.join(out, info["bin"]), "quality": io.join(out, info["quality"]),
+                                  "num_pairs": info["num_pairs"]}
     print(json.dumps(result))
     return 0

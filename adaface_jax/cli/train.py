@@ -55,16 +55,20 @@ def compile_cache_dir(disabled: bool = False):
     value = os.environ.get(CACHE_ENV)
     if disabled or (value is not None and value.strip().lower() in _OFF):
         return None
-    return os.path.expanduser(value or os.path.join("~", ".cache", "adaface-jax", "xla"))
+    from adaface_jax import io  # noqa: PLC0415
+    # JAX's cache reads and writes through etils.epath, so a bucket shared by a pod's hosts works too
+    return io.check_path(value or os.path.join("~", ".cache", "adaface-jax", "xla"), CACHE_ENV)
 
 
 def enable_compile_cache(disabled: bool = False):
     import jax  # noqa: PLC0415
 
+    from adaface_jax import io  # noqa: PLC0415
+
     path = compile_cache_dir(disabled)
     if path is None:
         return None
-    os.makedirs(path, exist_ok=True)
+    io.makedirs(path)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return path
