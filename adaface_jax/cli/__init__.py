@@ -24,7 +24,7 @@ from adaface_jax.errors import InputError, one_line
 COMMANDS = {
     "info": "show versions, devices and the model zoo",
     "convert": "convert a PyTorch AdaFace .ckpt into a converted (orbax) directory",
-    "export": "export a converted/trained checkpoint back to a PyTorch state_dict",
+    "export": "export a model to ONNX, a TensorFlow SavedModel or a PyTorch state_dict",
     "prepare": "convert .rec / image folders / list files into TFRecords (or cache a .bin)",
     "synthesize": "render the synthetic identity dataset as TFRecords",
     "check": "pre-flight a prepared dataset: decode every record, verify counts and checksums",
@@ -37,6 +37,9 @@ COMMANDS = {
     "miniature": "the paper in miniature: AdaFace vs ArcFace vs CosFace by image quality, on a CPU",
 }
 DEBUG_ENV = "ADAFACE_DEBUG"
+DESCRIPTION = ("AdaFace face recognition in JAX: convert the released PyTorch models, prepare data, train on every "
+               "device of every host, evaluate on the standard protocols, and embed or compare photos. Every path "
+               "may be a local path or a gs:// URL.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,7 +82,7 @@ def _command_module(name: str):
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="adaface-jax", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="adaface-jax", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, help_text in COMMANDS.items():
