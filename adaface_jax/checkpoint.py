@@ -138,7 +138,10 @@ def find_step_dir(path: str, *, best: bool = False, step: Optional[int] = None) 
         steps = sorted(int(d) for d in io.listdir(folder) if d.isdigit())
         if step is not None:
             steps = [s for s in steps if s == step]
-        steps = [s for s in steps if io.isdir(io.join(folder, str(s), "state"))]
+        # finalized only: on gs:// orbax writes a step in place and marks it done with commit_success.txt, so
+        # the step folder a killed save left behind is listed too (orbax itself would refuse to read it)
+        steps = [s for s in steps if io.isdir(io.join(folder, str(s), "state"))
+                 and ocp.step.is_path_finalized(io.join(folder, str(s)))]
         if steps:
             return io.join(folder, str(steps[-1]))
     return None
@@ -298,6 +301,10 @@ def read_calibration(model_path: str) -> Optional[dict]:
         data = json.loads(io.read_text(path))
     except ValueError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from e
+    if kind == "meta" and not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object (the converted model's metadata)")
+    # The structure of the thresholds is checked where they are used (evaluation.calibration.check_calibration),
+    # so a damaged sidecar does not stop commands that never read it.
     return data.get("calibration") if kind == "meta" else data
 
 
@@ -305,7 +312,10 @@ def store_calibration(model_path: str, calibration: dict) -> str:
     """Write the calibration where ``read_calibration`` finds it (atomically); returns the file written."""
     kind, path = calibration_location(model_path)
     if kind == "meta":
-        payload = {**json.loads(io.read_text(path)), "calibration": calibration}
+        meta = json.loads(io.read_text(path))
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: expected a JSON object (the converted model's metadata)")
+        payload = {**meta, "calibration": calibration}
     else:
         payload = calibration
     io.write_json(path, payload, indent=2, sort_keys=True)

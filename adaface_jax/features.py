@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import zipfile
 from typing import Iterator
 
@@ -22,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from adaface_jax import io
 from adaface_jax.compile_options import DEFAULT_CPU_CONVOLUTIONS, compiler_options
 from adaface_jax.io import save_npz
 
@@ -141,20 +141,20 @@ def _cache_path(cache_dir, cache_key, flip_test, fusion):
     key = str(cache_key)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key.split("|", 1)[0])[:64]
     digest = hashlib.sha256(f"{key}|flip={int(flip_test)}|fusion={fusion}".encode()).hexdigest()[:20]
-    return os.path.join(cache_dir, f"{safe}-{digest}__flip{int(flip_test)}_{fusion}.npz")
+    return io.join(cache_dir, f"{safe}-{digest}__flip{int(flip_test)}_{fusion}.npz")
 
 
 def _cache_lookup(path, key_text):
     """Cached ``(features, norms)`` when ``path`` holds exactly this key; None otherwise (absent,
     unreadable, or another key: then the caller recomputes and overwrites)."""
-    if not os.path.exists(path):
+    if not io.exists(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.readable(path), allow_pickle=False) as z:
             if "cache_key" not in z.files or str(z["cache_key"]) != key_text:
                 return None
             return z["features"], z["norms"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):  # TypeError: a bare .npy
         return None
 
 
@@ -174,7 +174,8 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
         batch is zero-padded to full size (one compiled shape) and the padding dropped.
       flip_test, fusion: the flip test and fusion method (see :func:`fuse`).
       mesh: a mesh with a ``'data'`` axis; default all local devices.
-      cache_dir, cache_key: when both are given, results are read from / written atomically to
+      cache_dir, cache_key: when both are given, results are read from / written atomically to (a local
+        folder or ``gs://``)
         ``<cache_dir>/<key prefix>-<key hash>__flip<0|1>_<fusion>.npz``. The key must determine
         the features: the weights' content, the images' content and the compute settings (see
         ``adaface_jax.cli.evaluate``); it is stored in the file and compared on a hit, so a

@@ -79,6 +79,20 @@ class PretrainedModel:
     __call__ = embed
 
 
+def stored_calibration(model_path: str, meta: dict) -> Optional[dict]:
+    """The calibrated thresholds stored with a model (``meta['calibration']`` as ``load_weights`` returns
+    it), checked: a stored file of the wrong structure is an error naming the file and the key
+    (``evaluation.calibration.check_calibration``). None when the model is not calibrated."""
+    from adaface_jax.checkpoint import calibration_location  # noqa: PLC0415
+    from evaluation.calibration import check_calibration  # noqa: PLC0415
+
+    calibration = meta.get("calibration")
+    if calibration is None:
+        return None
+    kind, path = calibration_location(model_path)
+    return check_calibration(calibration, f"{path} (its 'calibration' field)" if kind == "meta" else path)
+
+
 def load_pretrained(path: str, arch: Optional[str] = None, dtype=jnp.float32,
                     batch_size: int = 64) -> PretrainedModel:
     """A released/Lightning ``.ckpt`` (converted on the fly, safely), a converted directory, or one

@@ -11,10 +11,10 @@ import dataclasses
 import os
 from typing import Sequence
 
-import cv2
 import numpy as np
 
-from adaface_jax.align import align_faces
+from adaface_jax import io
+from adaface_jax.align import align_faces, read_bgr
 from adaface_jax.features import extract_features
 from adaface_jax.io import save_npz
 from evaluation.calibration import decide
@@ -40,17 +40,18 @@ class PhotoEmbeddings:
         return self.embeddings @ self.embeddings.T
 
     def save(self, path: str) -> None:
-
+        """An .npz (sources, embeddings, norms, ok, errors), written atomically (local or ``gs://``)."""
         save_npz(path, sources=np.asarray(self.sources), embeddings=self.embeddings, norms=self.norms,
-                        ok=self.ok, errors=np.asarray(self.errors))
+                 ok=self.ok, errors=np.asarray(self.errors))
 
 
 def read_aligned_bgr(path: str, size: int = 112) -> np.ndarray:
-    """An already aligned crop from disk as uint8 BGR (``cv2.imread``, like the evaluation readers)."""
-
-    img = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"{path}: not a readable image")
+    """An already aligned crop (a local or ``gs://`` file) as uint8 BGR (decoded as ``cv2.imread`` does, like
+    the evaluation readers)."""
+    try:
+        img = read_bgr(os.fspath(path), strict=True)
+    except OSError as exc:  # missing, a folder, unreadable: one reason per photo, never an exception
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
     if img.shape[:2] != (size, size):
         raise ValueError(f"{path}: expected an aligned {size}x{size} face, got {img.shape[1]}x{img.shape[0]} "
                          "(pass --align to detect and align it first)")
@@ -97,7 +98,7 @@ def embed_photos(model, sources: Sequence, align: bool = True, flip_test: bool =
 
 def format_similarity(result: PhotoEmbeddings, digits: int = 4) -> str:
     """The similarity matrix as a table with short names, plus each photo's norm."""
-    names = [os.path.basename(s) for s in result.sources]
+    names = [io.basename(s) for s in result.sources]
     width = max([len(n) for n in names] + [digits + 3])
     sim = result.similarity()
     lines = [" " * width + "  " + "  ".join(n.rjust(width) for n in names) + "  " + "norm".rjust(8)]
@@ -115,7 +116,7 @@ def format_decisions(result: PhotoEmbeddings, calibration: dict, flip_test: bool
     """Each pair's cosine with "same person at FAR=f: yes/no" for every calibrated FAR
     (``evaluation.calibration``: same iff cosine > threshold)."""
 
-    names = [os.path.basename(s) for s in result.sources]
+    names = [io.basename(s) for s in result.sources]
     sim = result.similarity()
     lines = [f"same-person decisions ({calibration.get('rule', 'cosine > threshold')}; calibrated on "
              f"{calibration.get('source', '?')}):"]

@@ -106,6 +106,53 @@ def calibrate(scores: np.ndarray, issame: np.ndarray, fars=FAR_TARGETS, nrof_fol
     return out
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_calibration(cal, where: str) -> dict:
+    """Stored thresholds as ``calibrate`` writes them, checked before use: a JSON object whose
+    ``thresholds`` maps each FAR to an object with a finite number ``threshold`` (optional fields, when
+    present, have their types). ``where`` names the file (and field) in the ProtocolError."""
+    if not isinstance(cal, dict):
+        raise ProtocolError(f"{where}: expected a JSON object of calibrated thresholds (as `adaface-jax calibrate` "
+                            f"writes), got a {_json_type(cal)}")
+    if "thresholds" not in cal:
+        raise ProtocolError(f"{where}: missing key 'thresholds' (as `adaface-jax calibrate` writes); "
+                            f"it has {sorted(map(str, cal))}")
+    thresholds = cal["thresholds"]
+    if not isinstance(thresholds, dict) or not thresholds:
+        raise ProtocolError(f"{where}: key 'thresholds' must be a non-empty object mapping a FAR to its threshold, "
+                            f"got {'an empty object' if isinstance(thresholds, dict) else 'a ' + _json_type(thresholds)}")
+    for far, entry in thresholds.items():
+        key = f"thresholds.{far}"
+        try:
+            value = float(far)
+        except ValueError:
+            value = float("nan")
+        if not 0.0 < value < 1.0:
+            raise ProtocolError(f"{where}: key {key!r}: expected a false accept rate in (0, 1) as the key")
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"{where}: key {key!r} must be an object with a 'threshold', got a "
+                                f"{_json_type(entry)}")
+        if "threshold" not in entry:
+            raise ProtocolError(f"{where}: missing key '{key}.threshold'")
+        if not _is_number(entry["threshold"]):
+            raise ProtocolError(f"{where}: key '{key}.threshold' must be a finite number, got "
+                                f"{entry['threshold']!r}")
+    for field, types, what in (("rule", (str,), "a string"), ("source", (str,), "a string"),
+                               ("flip_test", (bool, type(None)), "true, false or null"),
+                               ("unsupported", (dict,), "an object")):
+        if field in cal and not isinstance(cal[field], types):
+            raise ProtocolError(f"{where}: key {field!r} must be {what}, got {cal[field]!r}")
+    return cal
+
+
+def _json_type(x) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(x), "number" if isinstance(x, (int, float)) else type(x).__name__)
+
+
 def decide(cosine: float, calibration: dict) -> dict:
     """``{far: bool}``: is this cosine a "same person" decision at each calibrated FAR?"""
     return {key: bool(cosine > entry["threshold"]) for key, entry in calibration.get("thresholds", {}).items()}

@@ -14,7 +14,6 @@ templates or probes that use them; the metrics then report how many were left ou
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
@@ -105,18 +104,41 @@ class VerificationEvaluator:
         return {"sets": results, "mean_accuracy": mean}
 
 
+IDENTIFICATION = ("auto", "require", "skip")
+
+
 class IJBEvaluator:
-    """IJB-B / IJB-C 1:1 verification (TAR@FAR) and, when the 1:N files are there, identification.
+    """IJB-B / IJB-C 1:1 verification (TAR@FAR) and 1:N identification.
     ``images``: the aligned crops in meta-file line order (the caller aligns them, e.g. with
-    ``adaface_jax.align.iter_warped_crops(ijb.crop_paths(meta), meta.landmarks)``)."""
+    ``adaface_jax.align.iter_warped_crops(ijb.crop_paths(meta), meta.landmarks)``).
+
+    ``identification``: "require" -- the three 1:N files (gallery1, gallery2, probe) must be there;
+    "auto" -- identification runs when all three are there and is skipped when none is (``skipped_1n``
+    then says why and ``missing_1n`` names the expected files), while a meta folder with some but not
+    all of them is an error naming the missing ones; "skip" -- verification only."""
 
     def __init__(self, meta: ijb.IJBMeta, images=None, *, fusion: str = "pre_norm_vector_add",
-                 unknown: str = "error", tie: str = "stable", drop_nan: bool = False):
+                 unknown: str = "error", tie: str = "stable", drop_nan: bool = False, identification: str = "auto"):
         self.meta, self.images = meta, images
         self.fusion, self.unknown, self.tie, self.drop_nan = fusion, unknown, tie, drop_nan
-        self.has_1n = all(os.path.isfile(meta.files[k]) for k in ("gallery1", "gallery2", "probe"))
+        if identification not in IDENTIFICATION:
+            raise ProtocolError(f"identification must be one of {IDENTIFICATION}, got {identification!r}")
+        self.missing_1n = ijb.missing_1n_files(meta) if identification != "skip" else []
+        self.skipped_1n = None
+        if identification == "skip":
+            self.skipped_1n = "identification not asked for"
+        elif self.missing_1n:
+            names = ", ".join(self.missing_1n)
+            if identification == "require":
+                raise ProtocolError(f"{meta.name}: identification asked for but 1:N file(s) missing: {names}")
+            if len(self.missing_1n) < len(ijb.ONE_TO_N_KEYS):
+                raise ProtocolError(f"{meta.name}: 1:N file(s) missing: {names} (the meta folder has the other 1:N "
+                                    "files; add the missing ones, or pass identification='skip' / "
+                                    "--identification skip for verification only)")
+            self.skipped_1n = f"no 1:N files; expected {names}"
+        self.has_1n = self.skipped_1n is None
         if self.has_1n:  # parse the 1:N files before any expensive work
-            for k in ("gallery1", "gallery2", "probe"):
+            for k in ijb.ONE_TO_N_KEYS:
                 ijb.read_1n_csv(meta.files[k])
 
     def run(self, embed_fn: EmbedFn) -> dict:

@@ -9,11 +9,11 @@ file and line.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import scipy.sparse
 
+from adaface_jax import io
 from evaluation import ProtocolError, ranking
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -25,8 +25,13 @@ GALLERY_NAMES = {"IJBB": ("S1", "S2"), "IJBC": ("G1", "G2")}
 
 
 def _lines(path):
-    with open(path, "r", encoding="utf-8") as f:
-        return f.read().splitlines()
+    return io.read_text(path).splitlines()
+
+
+def _loadtxt(path, **kwargs):
+    """``np.loadtxt`` of a local or ``gs://`` file (its C parser takes the open file)."""
+    with io.open(path, "r", encoding="utf-8") as f:
+        return np.loadtxt(f, **kwargs)
 
 
 def read_name_5pts_score(path: str):
@@ -42,7 +47,7 @@ def read_name_5pts_score(path: str):
                                 f"(name, 10 landmark coordinates, score), got {len(tok)}")
         names.append(tok[0])
     try:  # the C parser for the numbers
-        arr = np.loadtxt(path, dtype=np.float32, usecols=range(1, 12), ndmin=2, comments=None)
+        arr = _loadtxt(path, dtype=np.float32, usecols=range(1, 12), ndmin=2, comments=None)
     except ValueError:
         for i, line in enumerate(lines, 1):
             try:
@@ -80,7 +85,7 @@ def _int_table(path: str, ncols: int, what: str, skip_header: bool = False, sep=
     start = 1 if skip_header else 0
     if sep is None and min_cols is None:
         try:  # fast C parser for the 15.6M-line pair file; rescanned only to report an error
-            table = np.loadtxt(path, dtype=np.int64, ndmin=2, skiprows=start)
+            table = _loadtxt(path, dtype=np.int64, ndmin=2, skiprows=start)
             if table.shape[0] and table.shape[1] == ncols:
                 return table
         except ValueError:
@@ -166,17 +171,26 @@ class IJBMeta:
 
 def meta_paths(root: str, ds: str) -> dict:
     ds_up, ds_lo = ds.upper(), ds.lower()
-    meta = os.path.join(root, ds_up, "meta")
+    meta = io.join(root, ds_up, "meta")
     g1, g2 = GALLERY_NAMES[ds_up]
     return {
-        "name_5pts": os.path.join(meta, f"{ds_lo}_name_5pts_score.txt"),
-        "tid_mid": os.path.join(meta, f"{ds_lo}_face_tid_mid.txt"),
-        "pair_label": os.path.join(meta, f"{ds_lo}_template_pair_label.txt"),
-        "gallery1": os.path.join(meta, f"{ds_lo}_1N_gallery_{g1}.csv"),
-        "gallery2": os.path.join(meta, f"{ds_lo}_1N_gallery_{g2}.csv"),
-        "probe": os.path.join(meta, f"{ds_lo}_1N_probe_mixed.csv"),
-        "loose_crop": os.path.join(root, ds_up, "loose_crop"),
+        "name_5pts": io.join(meta, f"{ds_lo}_name_5pts_score.txt"),
+        "tid_mid": io.join(meta, f"{ds_lo}_face_tid_mid.txt"),
+        "pair_label": io.join(meta, f"{ds_lo}_template_pair_label.txt"),
+        "gallery1": io.join(meta, f"{ds_lo}_1N_gallery_{g1}.csv"),
+        "gallery2": io.join(meta, f"{ds_lo}_1N_gallery_{g2}.csv"),
+        "probe": io.join(meta, f"{ds_lo}_1N_probe_mixed.csv"),
+        "loose_crop": io.join(root, ds_up, "loose_crop"),
     }
+
+
+ONE_TO_N_KEYS = ("gallery1", "gallery2", "probe")
+
+
+def missing_1n_files(meta_or_files) -> list:
+    """The 1:N files (gallery1, gallery2, probe) that are not there, as paths (empty when all are)."""
+    files = meta_or_files.files if isinstance(meta_or_files, IJBMeta) else meta_or_files
+    return [files[k] for k in ONE_TO_N_KEYS if not io.isfile(files[k])]
 
 
 def load_meta(root: str, ds: str, unknown: str = "error") -> IJBMeta:
@@ -186,7 +200,7 @@ def load_meta(root: str, ds: str, unknown: str = "error") -> IJBMeta:
         raise ProtocolError(f"unknown IJB dataset {ds!r}; expected IJBB or IJBC")
     files = meta_paths(root, ds)
     for key in ("name_5pts", "tid_mid", "pair_label"):
-        if not os.path.isfile(files[key]):
+        if not io.isfile(files[key]):
             raise FileNotFoundError(f"{ds}: missing meta file {files[key]}")
     names, lm, score = read_name_5pts_score(files["name_5pts"])
     templates, medias = read_face_tid_mid(files["tid_mid"])
@@ -197,7 +211,7 @@ def load_meta(root: str, ds: str, unknown: str = "error") -> IJBMeta:
     known = np.unique(templates)
     for col, arr in (("t1", t1), ("t2", t2)):
         check_known(known, arr, files["pair_label"], col, unknown=unknown)
-    return IJBMeta(ds, os.path.join(root, ds), names, lm, score, templates, medias, t1, t2, label, files)
+    return IJBMeta(ds, io.join(root, ds), names, lm, score, templates, medias, t1, t2, label, files)
 
 
 def check_known(known_sorted: np.ndarray, ids: np.ndarray, path: str, what: str, line_numbers=None,
@@ -249,7 +263,7 @@ def crop_paths(meta: IJBMeta) -> list[str]:
     """The loose crop of every image, in line order; the caller aligns them with the landmarks
     (``adaface_jax.align.iter_warped_crops(paths, meta.landmarks, method="umeyama")``, the original's
     ``ImageAligner``: cv2.imread, then a 5-point Umeyama warp to the 112x112 template)."""
-    return [os.path.join(meta.files["loose_crop"], name) for name in meta.image_names]
+    return [io.join(meta.files["loose_crop"], name) for name in meta.image_names]
 
 
 def image_features_for_templates(features: np.ndarray, norms: np.ndarray | None, fusion: str) -> np.ndarray:
@@ -403,9 +417,9 @@ def identification_1n(meta: IJBMeta, img_feats: np.ndarray, tie: str = "stable",
     """Rank-1/5/10 over G1∪G2 (reference), its pooled non-standard "TPIR@FPIR", and the standard
     per-gallery TPIR@FPIR (InsightFace ``evaluation_1N``), each clearly labelled."""
     files = meta.files
-    for key in ("gallery1", "gallery2", "probe"):
-        if not os.path.isfile(files[key]):
-            raise FileNotFoundError(f"{meta.name}: missing 1:N file {files[key]}")
+    missing = missing_1n_files(files)
+    if missing:
+        raise FileNotFoundError(f"{meta.name}: missing 1:N file(s) {', '.join(missing)}")
     if img_feats.shape[0] != meta.num_images:
         raise ProtocolError(f"{img_feats.shape[0]} image features but {meta.num_images} images in the meta files")
     known_t, t_feats = image_to_template(img_feats, meta.templates, meta.medias, normalize="divide")

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
+import io as pyio
+import posixpath
 
 import numpy as np
 import scipy.sparse
 
+from adaface_jax import io
 from evaluation import ProtocolError, ranking
 
 PROTOCOLS = (
@@ -41,16 +43,15 @@ class Template:
         out = []
         for m in self.media:
             a, b = m.split("/", 1) if "/" in m else ("", m)
-            out.append(f"{self.subject}_{a}_{os.path.splitext(os.path.basename(b))[0]}")
+            out.append(f"{self.subject}_{a}_{posixpath.splitext(posixpath.basename(b))[0]}")
         return out
 
 
 def _rows(path: str, min_cols: int, what: str):
     """(line number, fields) after the header; fields split on ',' with the line end stripped."""
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         raise FileNotFoundError(f"IJB-S protocol file missing: {path}")
-    with open(path, "r", encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = io.read_text(path).splitlines()
     out = []
     for i, line in enumerate(lines[1:], 2):
         if not line.strip():
@@ -64,7 +65,7 @@ def _rows(path: str, min_cols: int, what: str):
 
 def build_protocol(folder: str) -> dict[str, list[Template]]:
     """All template sets of the CS6 protocols from ``folder`` (cs6_metadata.csv, probes, galleries/)."""
-    meta_path = os.path.join(folder, "cs6_metadata.csv")
+    meta_path = io.join(folder, "cs6_metadata.csv")
     meta = _rows(meta_path, 2, "subject_id, media path, ...")
     pairs = sorted({(t[0], t[1]) for _, t in meta if t[1].startswith("videos")})
     video_templates = [Template(s, (v,)) for s, v in pairs]
@@ -78,7 +79,7 @@ def build_protocol(folder: str) -> dict[str, list[Template]]:
     sets: dict[str, list[Template]] = {}
 
     for k in (1, 2):
-        path = os.path.join(folder, "galleries", f"cs6_surveillance_to_surveillance_g{k}.csv")
+        path = io.join(folder, "galleries", f"cs6_surveillance_to_surveillance_g{k}.csv")
         gal = []
         for line, t in _rows(path, 3, "_, subject_id, video path"):
             if (t[1], t[2]) not in pair_set:
@@ -87,7 +88,7 @@ def build_protocol(folder: str) -> dict[str, list[Template]]:
         sets[f"video_gallery{k}"] = sorted(set(gal), key=lambda x: (x.subject, x.media))
 
     def video_probe(name):
-        path = os.path.join(folder, name)
+        path = io.join(folder, name)
         listed = [t[0] for _, t in _rows(path, 1, "video path")]
         for v in listed:
             if v not in by_video:
@@ -104,7 +105,7 @@ def build_protocol(folder: str) -> dict[str, list[Template]]:
         all_videos.setdefault(s, []).append(v)
     sets["multiview_video_probe"] = [Template(s, tuple(all_videos[s])) for s in subjects]
 
-    uav_path = os.path.join(folder, "cs6_uav_to_single-booking_probe.csv")
+    uav_path = io.join(folder, "cs6_uav_to_single-booking_probe.csv")
     uav = []
     for line, t in _rows(uav_path, 1, "media path"):
         entry = t[0]
@@ -119,9 +120,9 @@ def build_protocol(folder: str) -> dict[str, list[Template]]:
     sets["uav_probe"] = uav
 
     for k in (1, 2):
-        path = os.path.join(folder, "galleries", f"cs6_surveillance_to_single_g{k}.csv")
+        path = io.join(folder, "galleries", f"cs6_surveillance_to_single_g{k}.csv")
         sets[f"single_image_gallery{k}"] = [Template(t[1], (t[2],)) for _, t in _rows(path, 3, "_, subject, image")]
-        path = os.path.join(folder, "galleries", f"cs6_surveillance_to_booking_g{k}.csv")
+        path = io.join(folder, "galleries", f"cs6_surveillance_to_booking_g{k}.csv")
         grouped: dict[str, list[str]] = {}
         for _, t in _rows(path, 3, "_, subject, image"):
             grouped.setdefault(t[1], []).append(t[2])
@@ -134,7 +135,9 @@ def build_protocol(folder: str) -> dict[str, list[Template]]:
 
 def read_image_list(path: str) -> list[str]:
     """``image_list_*.csv`` (first column an index, a ``path`` column) -> relative image paths."""
-    with open(path, newline="", encoding="utf-8") as f:
+    if not io.isfile(path):
+        raise FileNotFoundError(f"IJB-S image list missing: {path}")
+    with pyio.StringIO(io.read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or "path" not in header:
@@ -150,8 +153,8 @@ def read_image_list(path: str) -> list[str]:
 
 def image_key(path: str) -> str:
     """``<PID>/videos_<V>_<F>.jpg`` -> ``PID_videos_V``; ``<PID>/img_<I>.jpg`` -> ``PID_img_I``."""
-    pid = os.path.basename(os.path.dirname(path))
-    stem = os.path.splitext(os.path.basename(path))[0]
+    pid = posixpath.basename(posixpath.dirname(path))  # a relative path of the image list
+    stem = posixpath.splitext(posixpath.basename(path))[0]
     if stem.startswith("videos_"):
         parts = stem.split("_")
         if len(parts) < 3:

@@ -15,38 +15,40 @@ rank r when ANY mate is in its top r; probes without a mate are not counted.
 from __future__ import annotations
 
 import dataclasses
-import os
+import posixpath
 
 import numpy as np
 import scipy.io
 
+from adaface_jax import io
 from evaluation import ProtocolError, ranking
 
 SETS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 EXTENSIONS = (".jpg", ".png", ".jpeg")
 ALIGNED_DIR = "aligned_pad_0.1_pad_high"
-RAW_DIR = os.path.join("tinyface", "Testing_Set")
+RAW_DIR = "tinyface/Testing_Set"
 RANKS = (1, 5, 20)
 DISTRACTOR_LABEL = -100
 
 
 def list_images(folder: str, required: bool = True) -> list[str]:
-    """All image files below ``folder`` (case-insensitive extension), sorted by relative path."""
-    if not os.path.isdir(folder):
+    """All image files below ``folder`` (local or ``gs://``; case-insensitive extension), sorted by relative
+    path."""
+    if not io.isdir(folder):
         if not required:
             return []
         raise FileNotFoundError(f"TinyFace folder not found: {folder}")
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
+    for dirpath, _, filenames in io.walk(folder):
+        rel = dirpath[len(folder):].strip("/")
         for f in filenames:
             if f.lower().endswith(EXTENSIONS):
-                found.append(os.path.join(dirpath, f))
-    return sorted(found, key=lambda p: os.path.relpath(p, folder))
+                found.append((f"{rel}/{f}" if rel else f, io.join(dirpath, f)))
+    return [p for _, p in sorted(found)]  # by relative path, as os.path.relpath orders them
 
 
 def _stem(path: str) -> str:
-    return os.path.splitext(os.path.basename(path))[0]
+    return posixpath.splitext(io.basename(path))[0]
 
 
 def label_of(path: str) -> int:
@@ -80,7 +82,7 @@ def read_protocol_mat(path: str, which: str) -> tuple[list[str], np.ndarray]:
     """
     _, set_key, id_key = MAT_FILES[which]
     try:
-        mat = scipy.io.loadmat(path)
+        mat = scipy.io.loadmat(io.readable(path))
     except (ValueError, TypeError, NotImplementedError, IndexError, KeyError, EOFError) as e:
         raise ProtocolError(f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: {e}); expected "
                             f"{set_key!r} and {id_key!r}") from None
@@ -113,10 +115,10 @@ def build_protocol(data_root: str, aligned_dir: str = ALIGNED_DIR, raw_dir: str 
     when they are there; distractors are always the ``Gallery_Distractor`` files. Without them,
     membership is the files under the raw split (the reference's walk), else the aligned folders.
     """
-    aligned_root = os.path.join(data_root, aligned_dir)
+    aligned_root = io.join(data_root, aligned_dir)
     image_paths = []
     for s in SETS:  # a missing distractor folder is allowed (an empty set)
-        image_paths += list_images(os.path.join(aligned_root, s), required=s != "Gallery_Distractor")
+        image_paths += list_images(io.join(aligned_root, s), required=s != "Gallery_Distractor")
     row_of: dict[str, int] = {}
     for i, p in enumerate(image_paths):
         key = _stem(p)
@@ -125,13 +127,13 @@ def build_protocol(data_root: str, aligned_dir: str = ALIGNED_DIR, raw_dir: str 
                                 f"{key!r} (features are matched by stem); pass on_collision='last' for the "
                                 "reference's overwrite behaviour")
         row_of[key] = i
-    member_root = os.path.join(data_root, raw_dir)
-    if not os.path.isdir(member_root):
+    member_root = io.join(data_root, raw_dir)
+    if not io.isdir(member_root):
         member_root = aligned_root
 
     def rows_labels(set_name, distractor=False, root=None):
         rows, labels = [], []
-        for p in list_images(os.path.join(root or member_root, set_name), required=not distractor):
+        for p in list_images(io.join(root or member_root, set_name), required=not distractor):
             key = _stem(p)
             if key not in row_of:
                 raise ProtocolError(f"{p}: no aligned image with stem {key!r} under {aligned_root}")
@@ -139,9 +141,9 @@ def build_protocol(data_root: str, aligned_dir: str = ALIGNED_DIR, raw_dir: str 
             labels.append(DISTRACTOR_LABEL if distractor else label_of(p))
         return np.asarray(rows, np.int64), np.asarray(labels, np.int64)
 
-    mat_dir = os.path.join(data_root, raw_dir) if mat_dir is None else mat_dir
-    mat_paths = {w: os.path.join(mat_dir, f[0]) for w, f in MAT_FILES.items()}
-    present = [w for w, p in mat_paths.items() if os.path.isfile(p)]
+    mat_dir = io.join(data_root, raw_dir) if mat_dir is None else mat_dir
+    mat_paths = {w: io.join(mat_dir, f[0]) for w, f in MAT_FILES.items()}
+    present = [w for w, p in mat_paths.items() if io.isfile(p)]
     if len(present) == 1:
         other = "gallery" if present[0] == "probe" else "probe"
         raise ProtocolError(f"{mat_paths[present[0]]} is present but {mat_paths[other]} is missing; "
@@ -167,11 +169,11 @@ def build_protocol(data_root: str, aligned_dir: str = ALIGNED_DIR, raw_dir: str 
         p_rows, p_labels = rows_labels("Probe")
         m_rows, m_labels = rows_labels("Gallery_Match")
     d_root = member_root
-    if present and not os.path.isdir(os.path.join(member_root, "Gallery_Distractor")):
+    if present and not io.isdir(io.join(member_root, "Gallery_Distractor")):
         d_root = aligned_root  # only the .mat files next to the aligned copy: distractors from there
     d_rows, d_labels = rows_labels("Gallery_Distractor", distractor=True, root=d_root)
     if p_rows.size == 0:
-        raise ProtocolError(f"no probe images under {os.path.join(member_root, 'Probe')}")
+        raise ProtocolError(f"no probe images under {io.join(member_root, 'Probe')}")
     if m_rows.size + d_rows.size == 0:
         raise ProtocolError(f"empty gallery under {member_root}")
     return TinyFaceProtocol(image_paths, p_rows, p_labels, np.concatenate([m_rows, d_rows]),

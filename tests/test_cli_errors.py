@@ -231,3 +231,136 @@ def test_state_built_outside_the_loop_can_be_donated():
     out = jax.jit(step, donate_argnums=0)(state)
     assert int(out.step) == 1 and int(out.skipped_total) == 2 and int(out.skipped_in_row) == 0
     np.testing.assert_array_equal(out.params["w"], np.ones(3))
+
+
+# evaluation, deployment and photo commands
+
+def test_embed_never_overwrites_a_photo_typed_after_out(files, tmp_path, capsys):
+    """`embed --align --out photos/img1.jpeg photos/img2.jpeg` (a glob typed after --out): refused in one
+    line before any work, the photo unchanged."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("img1.jpeg", "img2.jpeg"):
+        (photos / name).write_bytes(b"\xff\xd8\xff\xe0 a JPEG " + name.encode())
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    argv = ["embed", "--checkpoint", str(files["good"]), "--align", "--out", str(photos / "img1.jpeg"),
+            str(photos / "img2.jpeg")]
+    assert main(argv) == 1
+    one_error_line(capsys, "embed", "--out", "img1.jpeg", "expected a file name ending in .npz")
+    # an existing .npz that is not an earlier output (a photo renamed, say) is not replaced either
+    fake = photos / "faces.npz"
+    fake.write_bytes(before["img1.jpeg"])
+    assert main(["embed", str(photos / "img2.jpeg"), "--checkpoint", str(files["good"]), "--out", str(fake)]) == 1
+    one_error_line(capsys, "embed", "faces.npz", "not an earlier .npz output")
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == {**before, "faces.npz": before["img1.jpeg"]}
+
+
+def _path_commands(files, tmp_path, url):
+    """argv of each evaluation/deployment/photo command with ``url`` in one path argument."""
+    good, conv = str(files["good"]), str(files["converted"])
+    return {
+        "embed --out": ["embed", good, "--checkpoint", good, "--out", url],
+        "embed photo": ["embed", url, "--checkpoint", good, "--out", str(tmp_path / "f.npz")],
+        "embed --checkpoint": ["embed", good, "--checkpoint", url, "--out", str(tmp_path / "f.npz")],
+        "compare photo": ["compare", good, url, "--checkpoint", good],
+        "compare --checkpoint": ["compare", good, "--checkpoint", url],
+        "export SRC": ["export", url, str(tmp_path / "m.onnx")],
+        "export OUT": ["export", conv, url + ".onnx"],
+        "convert src": ["convert", url, str(tmp_path / "conv")],
+        "convert out_dir": ["convert", good, url],
+        "calibrate --checkpoint": ["calibrate", "--checkpoint", url, "--features", str(tmp_path / "f.npz")],
+        "calibrate --bin": ["calibrate", "--checkpoint", conv, "--bin", url],
+        "evaluate --checkpoint": ["evaluate", "--protocol", "hq", "--checkpoint", url, "--bin", good],
+    }
+
+
+@pytest.mark.parametrize("url, needle", [("s4://bucket/x", "unsupported URL scheme 's4:'"),
+                                         ("gs:/bucket/x", "two slashes")])
+def test_every_path_argument_refuses_an_unknown_scheme_or_a_one_slash_url(files, tmp_path, capsys, monkeypatch,
+                                                                          url, needle):
+    monkeypatch.chdir(tmp_path)
+    for which, argv in _path_commands(files, tmp_path, url).items():
+        assert main(argv) == 1, which
+        one_error_line(capsys, argv[0], url, needle)
+        assert list(tmp_path.iterdir()) == [], which  # no folder named after a scheme, no output
+
+
+# data commands
+
+def _data_path_commands(tmp_path, url):
+    """argv of each data command with ``url`` in one path argument (the other paths valid or harmless)."""
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    return {
+        "prepare rec SRC": ["prepare", "rec", url, out],
+        "prepare rec OUT": ["prepare", "rec", src, url],
+        "prepare rec --idx": ["prepare", "rec", src, out, "--idx", url],
+        "prepare folder SRC": ["prepare", "folder", url, out],
+        "prepare folder OUT": ["prepare", "folder", src, url],
+        "prepare list SRC": ["prepare", "list", url, out],
+        "prepare list --root": ["prepare", "list", src, out, "--root", url],
+        "prepare bin SRC": ["prepare", "bin", url, out],
+        "prepare bin OUT": ["prepare", "bin", src, url],
+        "synthesize OUT": ["synthesize", url, "--identities", "2", "--images-per-identity", "1"],
+        "check DATA_DIR": ["check", url],
+    }
+
+
+@pytest.mark.parametrize("url, needle", [("s4://bucket/x", "unsupported URL scheme 's4:'"),
+                                         ("gs:/bucket/x", "two slashes")])
+def test_every_data_path_argument_refuses_an_unknown_scheme_or_a_one_slash_url(tmp_path, capsys, monkeypatch, url,
+                                                                               needle):
+    monkeypatch.chdir(tmp_path)
+    for which, argv in _data_path_commands(tmp_path, url).items():
+        assert main(argv) == 1, which
+        one_error_line(capsys, argv[0], url, needle)
+        assert list(tmp_path.iterdir()) == [], which  # no folder named after a scheme, no output
+
+
+def test_prepare_folder_refuses_layouts_that_would_train_on_the_wrong_classes(tmp_path, capsys):
+    """A wrapper folder (casia/CASIA-WebFace/<id>/<img>, the way archives unpack), images with no identity
+    folders, identities in a format we do not read: one line each naming the folder, nothing written."""
+    import cv2
+
+    face = cv2.imencode(".jpg", np.full((16, 16, 3), 90, np.uint8))[1].tobytes()
+    for ident in ("0001", "0002"):
+        (tmp_path / "casia" / "CASIA-WebFace" / ident).mkdir(parents=True)
+        (tmp_path / "casia" / "CASIA-WebFace" / ident / "001.jpg").write_bytes(face)
+    (tmp_path / "flat").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "flat" / name).write_bytes(face)
+    for ident in ("p1", "p2"):
+        (tmp_path / "phone" / ident).mkdir(parents=True)
+        (tmp_path / "phone" / ident / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    out = tmp_path / "out"
+    cases = {"casia": [str(tmp_path / "casia" / "CASIA-WebFace"), "pass"],
+             "flat": ["2 images directly", "no identity folders"],
+             "phone": ["2 other files: 2 .heic"]}
+    for name, needles in cases.items():
+        assert main(["prepare", "folder", str(tmp_path / name), str(out)]) == 1, name
+        one_error_line(capsys, "prepare", str(tmp_path / name), *needles)
+        assert not out.exists(), name
+
+
+def test_data_outputs_never_replace_a_user_file(tmp_path, capsys):
+    import cv2
+
+    face = cv2.imencode(".jpg", np.full((16, 16, 3), 90, np.uint8))[1].tobytes()
+    for ident in ("a", "b"):
+        (tmp_path / "imgs" / ident).mkdir(parents=True)
+        (tmp_path / "imgs" / ident / "1.jpg").write_bytes(face)
+    text = tmp_path / "existing_file.txt"
+    text.write_text("keep")
+    for argv in (["prepare", "folder", str(tmp_path / "imgs"), str(text)],
+                 ["prepare", "bin", str(tmp_path / "v.bin"), str(text)],
+                 ["synthesize", str(text), "--identities", "2", "--images-per-identity", "1"]):
+        assert main(argv) == 1, argv
+        one_error_line(capsys, argv[0], str(text), "not a directory")
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    (syn / "notes.bin").write_text("keep")
+    argv = ["synthesize", str(syn), "--identities", "2", "--images-per-identity", "1", "--val-identities", "2",
+            "--val-pairs", "2", "--val-name", "notes.bin"]
+    assert main(argv) == 1
+    one_error_line(capsys, "synthesize", "notes.bin", "not an earlier .bin output")
+    assert text.read_text() == "keep" and (syn / "notes.bin").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing_file.txt", "imgs", "syn"]

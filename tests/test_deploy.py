@@ -261,3 +261,121 @@ def test_calibrate_bad_inputs_are_one_line(released, tmp_path, capsys):
     assert main(["calibrate", "--checkpoint", str(released["converted"]), "--features", str(tmp_path / "g.npz"),
                  "--far", "2"]) == 1
     _one_line(capsys, "calibrate", "--far 2")
+
+
+# ------------------------------------------------------------------------------ the export format
+
+
+def test_export_takes_the_format_from_the_suffix(released, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(released["converted"]), str(out)]) == 0  # no --format: ONNX, not a torch zip
+    assert out.read_bytes()[:4] != b"PK\x03\x04"
+    emb, _ = _ort(out).run(None, {"input": _inputs(2)})
+    assert np.max(np.abs(emb - released["model"].embed(_inputs(2))[0])) <= FLOAT32_TOL
+    pt = tmp_path / "m.pt"
+    assert main(["export", str(released["converted"]), str(pt)]) == 0
+    assert "state_dict" in torch.load(pt, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("out, fmt, needles", [
+    ("a.ckpt", "onnx", ("--format onnx contradicts", "a.ckpt", "torch")),
+    ("a.onnx", "torch", ("--format torch contradicts", "a.onnx", "onnx")),
+    ("a.onnx", "savedmodel", ("--format savedmodel contradicts", "a.onnx")),
+    ("a.bin", None, ("a.bin", "cannot tell the format", "--format")),
+    ("model", None, ("model", "cannot tell the format")),
+    ("face.jpeg", "onnx", ("face.jpeg", "expected a file name ending in .onnx")),
+    ("face.jpeg", "torch", ("face.jpeg", "expected a file name ending in .ckpt or .pt or .pth")),
+])
+def test_export_refuses_a_format_it_cannot_tell_or_a_contradiction(released, tmp_path, capsys, out, fmt, needles):
+    target = tmp_path / out
+    if out == "face.jpeg":
+        target.write_bytes(b"\xff\xd8\xff a photo")
+    argv = ["export", str(released["converted"]), str(target)] + (["--format", fmt] if fmt else [])
+    assert main(argv) == 1
+    _one_line(capsys, "export", *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["face.jpeg"] if out == "face.jpeg" else [])
+    if out == "face.jpeg":
+        assert target.read_bytes() == b"\xff\xd8\xff a photo"
+
+
+def test_export_replaces_only_an_earlier_output_never_its_source(released, tmp_path, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(released["ckpt"].read_bytes())
+    assert main(["export", str(ckpt), str(ckpt)]) == 1
+    _one_line(capsys, "export", "is the model being exported")
+    assert ckpt.read_bytes() == released["ckpt"].read_bytes()
+    earlier = tmp_path / "earlier.onnx"
+    earlier.write_bytes(b"an earlier export")
+    assert main(["export", str(released["converted"]), str(earlier)]) == 0
+    assert onnx.load(str(earlier)).graph.node
+
+
+# ----------------------------------------------------------------------- stored calibration structure
+
+GOOD_CAL = {"rule": calibration.RULE, "source": "x.bin", "flip_test": False,
+            "thresholds": {"0.01": {"threshold": 0.3, "far_target": 0.01}}, "unsupported": {}}
+
+
+@pytest.mark.parametrize("cal, needles", [
+    ([1, 2], ("expected a JSON object", "got a list")),
+    ({"rule": "x"}, ("missing key 'thresholds'",)),
+    ({"thresholds": [0.3]}, ("key 'thresholds' must be a non-empty object", "got a list")),
+    ({"thresholds": {}}, ("key 'thresholds' must be a non-empty object", "empty object")),
+    ({"thresholds": {"0.01": 0.3}}, ("key 'thresholds.0.01' must be an object",)),
+    ({"thresholds": {"0.01": {"far": 0.01}}}, ("missing key 'thresholds.0.01.threshold'",)),
+    ({"thresholds": {"0.01": {"threshold": "high"}}}, ("key 'thresholds.0.01.threshold' must be a finite number",)),
+    ({"thresholds": {"0.01": {"threshold": True}}}, ("'thresholds.0.01.threshold' must be a finite number",)),
+    ({"thresholds": {"0.01": {"threshold": float("nan")}}}, ("'thresholds.0.01.threshold' must be a finite",)),
+    ({"thresholds": {"high": {"threshold": 0.3}}}, ("key 'thresholds.high'", "false accept rate")),
+    ({**GOOD_CAL, "flip_test": "yes"}, ("key 'flip_test' must be true, false or null",)),
+])
+def test_a_calibration_of_the_wrong_structure_names_the_file_and_the_key(cal, needles):
+    with pytest.raises(calibration.ProtocolError) as info:
+        calibration.check_calibration(cal, "/m/x.ckpt.calibration.json")
+    assert str(info.value).startswith("/m/x.ckpt.calibration.json: ")
+    for needle in needles:
+        assert needle in str(info.value)
+    assert calibration.check_calibration(GOOD_CAL, "w") is GOOD_CAL
+
+
+def test_compare_and_export_refuse_a_damaged_thresholds_file_in_one_line(released, tmp_path, capsys):
+    import shutil
+
+    import cv2
+
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(released["ckpt"].read_bytes())
+    sidecar = tmp_path / "m.ckpt.calibration.json"
+    sidecar.write_text(json.dumps({"thresholds": {"0.01": {"threshold": "0.3"}}}))
+    crop = tmp_path / "a.png"
+    cv2.imwrite(str(crop), np.full((112, 112, 3), 100, np.uint8))
+    assert main(["compare", str(crop), str(crop), "--checkpoint", str(ckpt), "--no-align"]) == 1
+    _one_line(capsys, "compare", str(sidecar), "'thresholds.0.01.threshold' must be a finite number")
+    sidecar.write_text("[]")
+    assert main(["export", str(ckpt), str(tmp_path / "m.onnx")]) == 1
+    _one_line(capsys, "export", str(sidecar), "expected a JSON object")
+    assert not (tmp_path / "m.onnx").exists()
+    # a converted directory: its meta file's 'calibration' field
+    model_dir = tmp_path / "model"
+    shutil.copytree(released["converted"], model_dir)
+    meta = json.loads((model_dir / "adaface_meta.json").read_text())
+    (model_dir / "adaface_meta.json").write_text(json.dumps({**meta, "calibration": {"thresholds": {"0.01": {}}}}))
+    assert main(["compare", str(crop), str(crop), "--checkpoint", str(model_dir), "--no-align"]) == 1
+    _one_line(capsys, "compare", "adaface_meta.json (its 'calibration' field)", "missing key 'thresholds.0.01.threshold'")
+
+
+def test_calibrate_replaces_only_an_earlier_thresholds_file(released, tmp_path, capsys):
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(released["ckpt"].read_bytes())
+    sidecar = tmp_path / "m.ckpt.calibration.json"
+    sidecar.write_text("my notes, not JSON")
+    feats = _pairs_with_cosines(np.r_[np.linspace(0.5, 0.9, 100), np.linspace(-0.3, 0.3, 200)])
+    np.savez(tmp_path / "f.npz", features=feats, issame=np.r_[np.ones(100, bool), np.zeros(200, bool)])
+    argv = ["calibrate", "--checkpoint", str(ckpt), "--features", str(tmp_path / "f.npz"), "--far", "1e-2"]
+    assert main(argv) == 1
+    _one_line(capsys, "calibrate", str(sidecar), "refusing to replace")
+    assert sidecar.read_text() == "my notes, not JSON"
+    sidecar.write_text(json.dumps([1]))  # an earlier (damaged) JSON file is replaced by a good one
+    assert main(argv) == 0
+    stored = json.loads(sidecar.read_text())
+    assert calibration.check_calibration(stored, str(sidecar))["thresholds"]["0.01"]["threshold"] == pytest.approx(0.3, abs=0.01)

@@ -516,3 +516,135 @@ def test_tinyface_malformed_mat_is_one_error(tmp_path, capsys, content, expect):
     assert run_cli(["--protocol", "tinyface", "--features", str(tmp_path / "f.npz"), "--data", str(tmp_path),
                     "--out", str(tmp_path / "o")]) == 1
     assert expect in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------- IJB 1:N files
+
+
+def _gn(name):
+    """The 1:N file names of the IJB-C fixture."""
+    g1, g2 = ijb.GALLERY_NAMES["IJBC"]
+    return {"gallery1": f"ijbc_1N_gallery_{g1}.csv", "gallery2": f"ijbc_1N_gallery_{g2}.csv",
+            "probe": "ijbc_1N_probe_mixed.csv"}[name]
+
+
+def test_ijb_some_but_not_all_1n_files_is_an_error_naming_the_missing_one(tmp_path, capsys):
+    small_meta(tmp_path)
+    (tmp_path / "IJBC" / "meta" / _gn("gallery2")).unlink()
+    npz = _ijb_npz(tmp_path / "f.npz")
+    argv = ["--protocol", "ijbc", "--features", npz, "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert run_cli(argv) == 1
+    line = one_error_line(capsys)
+    assert _gn("gallery2") in line and "missing" in line
+    assert _gn("gallery1") not in line and _gn("probe") not in line  # only the missing one is named
+    assert not (tmp_path / "o").exists()
+    # verification only, when asked for
+    assert run_cli(argv + ["--identification", "skip"]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
+    assert "rank" not in res["identification"] and res["identification"]["missing_files"] == []
+    assert not (tmp_path / "o" / "identification_result.csv").exists()
+
+
+def test_ijb_without_any_1n_file_skips_identification_naming_the_expected_files(tmp_path, capsys):
+    small_meta(tmp_path, g1=None, g2=None, probe=None)
+    npz = _ijb_npz(tmp_path / "f.npz")
+    argv = ["--protocol", "ijbc", "--features", npz, "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert run_cli(argv) == 0
+    err = capsys.readouterr().err
+    note = [line for line in err.splitlines() if "identification" in line]
+    assert len(note) == 1 and "skipped identification" in note[0]
+    for key in ("gallery1", "gallery2", "probe"):
+        assert _gn(key) in note[0]
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
+    expected = [str(tmp_path / "IJBC" / "meta" / _gn(k)) for k in ("gallery1", "gallery2", "probe")]
+    assert res["identification"]["missing_files"] == expected
+    assert "no 1:N files" in res["identification"]["skipped"]
+    assert not (tmp_path / "o" / "identification_result.csv").exists()
+    # asked for explicitly: an error naming the files, nothing written
+    assert run_cli(argv[:-1] + [str(tmp_path / "o2"), "--identification", "require"]) == 1
+    line = one_error_line(capsys)
+    assert "identification asked for" in line and all(_gn(k) in line for k in ("gallery1", "gallery2", "probe"))
+    assert not (tmp_path / "o2").exists()
+
+
+def test_identification_option_is_for_ijb_only(tmp_path, capsys):
+    npz = _hq_npz(tmp_path / "f.npz")
+    assert run_cli(["--protocol", "hq", "--features", npz, "--out", str(tmp_path / "o"),
+                    "--identification", "require"]) == 1
+    assert "--identification applies to --protocol ijbb/ijbc" in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------- the --out folder
+
+
+def test_out_that_is_not_an_earlier_run_is_never_overwritten(tmp_path, capsys):
+    npz = _hq_npz(tmp_path / "f.npz")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "hq_result.csv").write_text("my own table\n")
+    assert run_cli(["--protocol", "hq", "--features", npz, "--out", str(mine)]) == 1
+    line = one_error_line(capsys)
+    assert str(mine) in line and "hq_result.csv" in line and "not the folder of an earlier" in line
+    assert (mine / "hq_result.csv").read_text() == "my own table\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["hq_result.csv"]
+    # a results.json that is not one of ours is not an earlier run either
+    (mine / "hq_result.csv").unlink()
+    (mine / "results.json").write_text('{"mine": true}')
+    assert run_cli(["--protocol", "hq", "--features", npz, "--out", str(mine)]) == 1
+    assert "results.json" in one_error_line(capsys)
+    assert (mine / "results.json").read_text() == '{"mine": true}'
+    # a folder with other files that the run does not write is fine
+    (mine / "results.json").unlink()
+    (mine / "notes.txt").write_text("keep")
+    assert run_cli(["--protocol", "hq", "--features", npz, "--out", str(mine)]) == 0
+    assert (mine / "notes.txt").read_text() == "keep" and (mine / "results.json").exists()
+
+
+def test_an_earlier_run_is_replaced_whole_with_results_json_last(tmp_path, monkeypatch):
+    from adaface_jax import io
+
+    small_meta(tmp_path)
+    npz = _ijb_npz(tmp_path / "f.npz")
+    out = tmp_path / "o"
+    argv = ["--protocol", "ijbc", "--features", npz, "--data", str(tmp_path), "--out", str(out)]
+    assert run_cli(argv) == 0
+    assert (out / "identification_result.csv").exists()
+    (out / "notes.txt").write_text("keep")
+    events = []
+    real_copy, real_remove = io.copy, io.remove
+
+    def copy(src, dst):
+        events.append(("copy", os.path.basename(dst), (out / "results.json").exists()))
+        return real_copy(src, dst)
+
+    def remove(path):
+        events.append(("remove", os.path.basename(path), None))
+        return real_remove(path)
+    monkeypatch.setattr(io, "copy", copy)
+    monkeypatch.setattr(io, "remove", remove)
+    assert run_cli(argv + ["--identification", "skip"]) == 0
+    copies = [e for e in events if e[0] == "copy"]
+    assert copies[-1][1] == "results.json"
+    assert events.index(("remove", "results.json", None)) < events.index(copies[0])
+    assert not any(had_results for _, _, had_results in copies)  # never a results.json beside new files
+    # the earlier run's identification table is gone (this run skipped it); other files stay
+    assert not (out / "identification_result.csv").exists()
+    assert (out / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json", "verification_result.csv",
+                                                     "verification_roc.png"]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--features", "--data", "--cache-dir", "--save-features", "--bin"])
+@pytest.mark.parametrize("url", ["s4://bucket/x", "gs:/bucket/x"])
+def test_every_path_refuses_an_unknown_scheme_or_a_one_slash_url(tmp_path, capsys, monkeypatch, flag, url):
+    monkeypatch.chdir(tmp_path)
+    npz = _hq_npz(tmp_path / "f.npz")
+    argv = {"--out": ["--features", npz, "--out", url], "--features": ["--features", url],
+            "--data": ["--features", npz, "--data", url], "--cache-dir": ["--features", npz, "--cache-dir", url],
+            "--save-features": ["--features", npz, "--save-features", url],
+            "--bin": ["--checkpoint", str(tmp_path), "--bin", url]}[flag]
+    assert run_cli(["--protocol", "hq", *argv, *([] if flag == "--out" else ["--out", str(tmp_path / "o")])]) == 1
+    line = one_error_line(capsys)
+    assert flag in line and url in line
+    assert ("unsupported URL scheme 's4:'" if url.startswith("s4") else "two slashes") in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npz"]  # no 's4:' or 'gs:' folder, no output

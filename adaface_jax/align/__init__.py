@@ -16,7 +16,7 @@ from adaface_jax.align.transform import (
 )
 from adaface_jax.align.mtcnn import FaceDetector, default_detector, detect_faces
 from adaface_jax.align.pipeline import (AlignResult, UnreadableImageError, align_face, align_faces, iter_warped_crops,
-                                       load_rgb)
+                                       load_rgb, read_bgr)
 
 __all__ = [
     "IJB_REFERENCE_5PTS",
@@ -31,6 +31,7 @@ __all__ = [
     "estimate_matrix",
     "iter_warped_crops",
     "load_rgb",
+    "read_bgr",
     "reduce_landmarks",
     "reference_points",
     "similarity_cp2tform",

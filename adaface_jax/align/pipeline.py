@@ -9,6 +9,8 @@ so feed ``face_bgr`` (or reverse the channels) to the model.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io as pyio
 import os
 from typing import Sequence
 
@@ -16,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from adaface_jax import io
 from adaface_jax.align import mtcnn, transform
 from adaface_jax.errors import InputError
 
@@ -52,9 +55,36 @@ class AlignResult:
         return None if self.face_rgb is None else np.ascontiguousarray(self.face_rgb[:, :, ::-1])
 
 
+def read_file_bytes(path) -> bytes:
+    """A photo's bytes, local or ``gs://`` (``adaface_jax.io``); a missing file (or a folder) is an OSError
+    naming it."""
+    path = io.check_path(path, "image")
+    if not io.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, "no such file" if not io.exists(path) else "is a directory", path)
+    return io.read_bytes(path)
+
+
+def read_bgr(path, strict: bool = False):
+    """``cv2.imread(path, IMREAD_COLOR)`` for a local or ``gs://`` file: the bytes decoded with
+    ``cv2.imdecode`` (which applies the EXIF orientation as imread does). None when the file cannot be read
+    or decoded; with ``strict`` an OSError (missing, unreadable) or ValueError (not an image) says why."""
+    try:
+        data = read_file_bytes(path)
+    except (OSError, InputError):
+        if strict:
+            raise
+        return None
+    buffer = np.frombuffer(data, np.uint8)
+    img = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    if img is None and strict:
+        raise ValueError(f"{path}: not a readable image")
+    return img
+
+
 def load_rgb(path) -> Image.Image:
-    """Open a photo as the original inference path does: PIL ``Image.open(...).convert('RGB')``."""
-    with Image.open(path) as img:
+    """Open a photo as the original inference path does: PIL ``Image.open(...).convert('RGB')`` (a local
+    or ``gs://`` file)."""
+    with Image.open(pyio.BytesIO(read_file_bytes(path))) as img:
         return img.convert("RGB")
 
 
@@ -166,10 +196,10 @@ def align_faces(
 
 def iter_warped_crops(paths, landmarks, method: str = "umeyama", size: int = 112):
     """Yield ``size`` x ``size`` BGR uint8 crops of images given with their 5-point landmarks, in order
-    (``cv2.imread``, then ``warp_face``): the IJB loader of the original (``ImageAligner``) with
+    (``read_bgr``, then ``warp_face``): the IJB loader of the original (``ImageAligner``) with
     ``method="umeyama"``. An unreadable image raises ``InputError`` naming it."""
     for path, lm in zip(paths, landmarks):
-        img = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+        img = read_bgr(path)
         if img is None:
             raise InputError(f"cannot read image {path} (expected a readable crop listed in the meta files)")
         yield transform.warp_face(img[:, :, :3], lm, method=method, size=size)

@@ -1,9 +1,8 @@
 """``adaface-jax calibrate --checkpoint M --bin lfw.bin``: cosine thresholds at target false accept
 rates, measured on a verification set and stored with the model (``compare`` then says "same person
-at FAR=1e-4: yes/no"). The scoring is ``evaluation.calibration``."""
+at FAR=1e-4: yes/no"). The scoring is ``evaluation.calibration``. The model, the inputs and so the
+stored thresholds file may be local or in a bucket (``gs://``)."""
 from __future__ import annotations
-
-import os
 
 from adaface_jax.cli import positive_int
 
@@ -26,16 +25,24 @@ def add_arguments(parser):
 
 
 def _read_features(path: str):
+    import zipfile
+
     import numpy as np
 
+    from adaface_jax import io
     from adaface_jax.errors import InputError
 
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         raise InputError(f"--features {path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(io.readable(path), allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise InputError(f"--features {path}: a single .npy array, not an .npz with 'features' and 'issame'")
+        with z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, InputError):
+            raise
         raise InputError(f"--features {path}: not a readable .npz ({e})") from e
     for key in ("features", "issame"):
         if key not in arrays:
@@ -47,9 +54,21 @@ def _read_features(path: str):
     return feats, issame
 
 
+def read_bin(path: str):
+    """A verification .bin, local or ``gs://``."""
+    from adaface_jax import io
+    from adaface_jax.errors import InputError
+    from data_pipeline.bin_reader import load_bin
+
+    if not io.isfile(path):
+        raise InputError(f"--bin {path}: no such file")
+    return load_bin(path)
+
+
 def run(args) -> int:
     import json
 
+    from adaface_jax import io
     from adaface_jax.checkpoint import calibration_location, store_calibration
     from adaface_jax.errors import InputError
     from evaluation import calibration
@@ -57,29 +76,28 @@ def run(args) -> int:
     for far in args.far:
         if not 0.0 < far < 1.0:
             raise InputError(f"--far {far}: a false accept rate is in (0, 1)")
-    if not os.path.exists(args.checkpoint):
+    checkpoint = io.check_path(args.checkpoint, "--checkpoint")
+    source_path = io.check_path(args.features or args.bin, "--features" if args.features else "--bin")
+    if not io.exists(checkpoint):
         raise InputError(f"--checkpoint {args.checkpoint}: no such file or folder")
-    calibration_location(args.checkpoint)  # a model we can store into (fails now if not)
+    _, stored_in = calibration_location(checkpoint)  # a model we can store into (fails now if not)
+    if not args.no_store:  # only an earlier JSON file is replaced
+        io.check_output_file(stored_in, "calibration file", suffixes=(".json",))
     if args.features:
-        feats, issame = _read_features(args.features)
-        source = os.path.basename(args.features)
+        feats, issame = _read_features(source_path)
     else:
-        from data_pipeline.bin_reader import load_bin
-
-        images, issame = load_bin(args.bin)
-        source = os.path.basename(args.bin)
-    if not args.features:
+        images, issame = read_bin(source_path)
         from adaface_jax.inference import load_pretrained
 
-        model = load_pretrained(args.checkpoint, batch_size=args.batch_size)
+        model = load_pretrained(checkpoint, batch_size=args.batch_size)
         feats, _ = model.embed(images, flip_test=args.flip_test)
     cal = calibration.calibrate(calibration.pair_cosines(feats), issame, fars=tuple(sorted(args.far, reverse=True)),
                                 nrof_folds=args.folds)
-    cal.update(source=source, flip_test=bool(args.flip_test) if not args.features else None)
+    cal.update(source=io.basename(source_path), flip_test=bool(args.flip_test) if not args.features else None)
     print(calibration.format_calibration(cal))
     if args.no_store:
         print(json.dumps(cal["thresholds"]))
         return 0
-    path = store_calibration(args.checkpoint, cal)
+    path = store_calibration(checkpoint, cal)
     print(f"stored in {path}; `adaface-jax compare --checkpoint {args.checkpoint}` now prints the decisions")
     return 0

@@ -1,6 +1,7 @@
 """``adaface-jax compare IMG... --checkpoint CKPT``: align, embed and print the similarity matrix
 (the original repository's inference example), with each photo's feature norm; once the model is
-calibrated (``adaface-jax calibrate``), each pair's "same person at FAR=...: yes/no"."""
+calibrated (``adaface-jax calibrate``), each pair's "same person at FAR=...: yes/no". Photos and the
+checkpoint may be local paths or ``gs://`` URLs."""
 from __future__ import annotations
 
 
@@ -14,13 +15,17 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from adaface_jax.inference import load_pretrained
+    from adaface_jax.inference import load_pretrained, stored_calibration
+    from adaface_jax.io import check_path
     from adaface_jax.photos import embed_photos, format_decisions, format_similarity
 
-    model = load_pretrained(args.checkpoint, arch=args.arch)
+    checkpoint = check_path(args.checkpoint, "--checkpoint")
+    for path in args.paths:
+        check_path(path, "photo")
+    model = load_pretrained(checkpoint, arch=args.arch)
+    calibration = stored_calibration(checkpoint, model.meta)  # a damaged thresholds file fails before the work
     result = embed_photos(model, args.paths, align=args.align, flip_test=args.flip_test)
     print(format_similarity(result))
-    calibration = model.meta.get("calibration")
     if calibration:
         print(format_decisions(result, calibration, flip_test=args.flip_test))
     else:

@@ -1,4 +1,5 @@
-"""``adaface-jax convert IN.ckpt OUT_DIR [--arch ir_50]``: PyTorch .ckpt -> orbax + JSON meta."""
+"""``adaface-jax convert IN.ckpt OUT_DIR [--arch ir_50]``: PyTorch .ckpt -> orbax + JSON meta. Either path may
+be local or a ``gs://`` URL; the meta file is written last."""
 from __future__ import annotations
 
 
@@ -11,10 +12,11 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from adaface_jax.convert.convert import convert_checkpoint
-    from adaface_jax.io import check_output_dir
+    from adaface_jax.io import check_creatable_dir, check_path
 
-    check_output_dir(args.out_dir)
-    meta = convert_checkpoint(args.src, args.out_dir, arch=args.arch, force=args.force)
+    src = check_path(args.src, "checkpoint")
+    out_dir = check_creatable_dir(args.out_dir, "output directory")
+    meta = convert_checkpoint(src, out_dir, arch=args.arch, force=args.force)
     head = f", head with {meta['head_num_classes']} classes" if meta["head_num_classes"] else ""
     print(f"converted {args.src} -> {args.out_dir}: {meta['arch']} {meta['input_size'][0]}x"
           f"{meta['input_size'][1]} {meta['channel_order']}{head}")

@@ -1,7 +1,10 @@
-"""``adaface-jax embed PATHS... --checkpoint CKPT --out feats.npz [--align]``."""
+"""``adaface-jax embed PATHS... --checkpoint CKPT --out feats.npz [--align]``: photos, the checkpoint and
+the output may be local paths or ``gs://`` URLs. ``--out`` must name an ``.npz``; an existing file is
+replaced only when it is an earlier .npz (a photo typed after ``--out`` is never overwritten)."""
 from __future__ import annotations
 
 from adaface_jax.cli import positive_int
+from adaface_jax.errors import InputError
 
 
 def add_arguments(parser):
@@ -18,14 +21,18 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from adaface_jax.inference import load_pretrained
-    from adaface_jax.io import check_output_file
+    from adaface_jax.io import check_output_file, check_path
     from adaface_jax.photos import embed_photos
 
-    check_output_file(args.out, "--out")
-    model = load_pretrained(args.checkpoint, arch=args.arch)
+    out = check_output_file(args.out, "--out", suffixes=(".npz",))
+    checkpoint = check_path(args.checkpoint, "--checkpoint")
+    for path in args.paths:
+        if check_path(path, "photo") == out:
+            raise InputError(f"--out {args.out}: is also one of the photos to embed")
+    model = load_pretrained(checkpoint, arch=args.arch)
     result = embed_photos(model, args.paths, align=args.align, flip_test=args.flip_test, select=args.select,
                           batch_size=args.batch_size, progress=True)
-    result.save(args.out)
+    result.save(out)
     print(f"wrote {args.out}: {int(result.ok.sum())}/{len(result.ok)} images embedded "
           f"({model.arch}, dim {result.embeddings.shape[1]})")
     for src, err in zip(result.sources, result.errors):

@@ -11,8 +11,16 @@ Features file (.npz, no pickles; written by ``--save-features``, or by any model
     ``fusion`` (0-d str; IJB multiplies the feature by the norm for pre_norm_vector_add) and
     ``flip_test`` (0-d bool). IJB-S expects ``flip_test`` False (the raw feature is features*norms).
 Outputs under ``--out`` (default ``results/<protocol>/<name>``): ``results.json``, the reference
-CSVs and ROC/CMC PNGs; they are written to a hidden staging folder and moved in only when the run
-succeeds. The checkpoint is loaded with ``adaface_jax.inference.load_pretrained``.
+CSVs and ROC/CMC PNGs; they are written to a local staging folder and copied in only when the run
+succeeds, ``results.json`` last (an earlier one is removed first), so a folder with a results.json is a
+finished run. An existing non-empty --out that is not an earlier evaluate output is refused when the
+run would overwrite a file in it. The checkpoint is loaded with ``adaface_jax.inference.load_pretrained``.
+Every path (--checkpoint, --features, --bin, --data, --out, --cache-dir, --save-features and the protocol
+folders) may be local or a ``gs://`` URL.
+IJB-B/C identification (--identification): "auto" runs it when the three 1:N files are in the meta folder,
+skips it with a note naming the expected files when none is (results.json records the skip and the
+files), and refuses a meta folder with some but not all of them; "require" needs them; "skip" scores 1:1
+only.
 NaN feature rows (failed photos) are an error unless ``--drop-nan`` leaves them out (counts in
 the output and results.json). ``--cache-dir`` caches features under a key made of the weights'
 content hash, the source files (a .bin's content hash; for image folders each file's size and
@@ -22,7 +30,6 @@ against the key stored in the cache file.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os
@@ -33,16 +40,27 @@ import zipfile
 
 import numpy as np
 
-from adaface_jax.align import iter_warped_crops
+from adaface_jax import io
+from adaface_jax.align import iter_warped_crops, read_bgr
 from adaface_jax.errors import InputError
 from adaface_jax.io import save_npz, write_bytes, write_csv, write_text
 from evaluation import ProtocolError, ijb, ijbs, plots, tinyface
-from evaluation.evaluators import (IJBEvaluator, IJBSEvaluator, TinyFaceEvaluator, VerificationEvaluator,
-                                   feature_matrix)
+from evaluation.evaluators import (IDENTIFICATION, IJBEvaluator, IJBSEvaluator, TinyFaceEvaluator,
+                                   VerificationEvaluator, feature_matrix)
 
 HQ_SETS = ("agedb_30", "cfp_fp", "lfw", "cplfw", "calfw")
 PROTOCOLS = ("hq", "ijbb", "ijbc", "ijbs", "tinyface")
 FUSIONS = ("pre_norm_vector_add", "norm_weighted_avg", "average", "concat")
+RESULTS = "results.json"
+# The files each protocol writes under --out (besides results.json)
+OUTPUT_FILES = {
+    "hq": ("hq_result.csv", "hq_roc.png"),
+    "ijbb": ("verification_result.csv", "verification_roc.png", "identification_result.csv"),
+    "ijbc": ("verification_result.csv", "verification_roc.png", "identification_result.csv"),
+    "tinyface": ("result.csv", "cmc.png"),
+    "ijbs": ("pre_norm_vector_add_cos_result.csv",),
+}
+ALL_OUTPUT_FILES = sorted({f for names in OUTPUT_FILES.values() for f in names} | {RESULTS})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tinyface-protocol", help="folder holding TinyFace's probe_img_ID_pairs.mat and "
                                                     "gallery_match_img_ID_pairs.mat (default "
                                                     "<data>/tinyface/Testing_Set; used when present)")
+    parser.add_argument("--identification", choices=IDENTIFICATION, default=None,
+                        help="ijbb/ijbc 1:N identification: auto (default; run when the 1:N files are there, skip "
+                             "with a note when none is, refuse some-but-not-all), require, or skip")
     parser.add_argument("--drop-nan", action="store_true",
                         help="leave NaN feature rows (photos `adaface-jax embed` could not process) out, with "
                              "the pairs/templates/probes that use them, and report the counts; by default "
@@ -96,47 +117,60 @@ def _jsonable(x):
     return x
 
 
-class _Output:
-    """The output folder, checked up front; files go to a hidden staging folder inside it and are
-    moved in by ``commit`` only after the whole run succeeded (``abort`` removes what we made)."""
+def _earlier_results(path: str) -> bool:
+    """Whether ``path`` is the results.json of an earlier ``evaluate`` run."""
+    try:
+        data = json.loads(io.read_text(path))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "protocol" in data and "results" in data
 
-    def __init__(self, out_dir):
-        self.out_dir = out_dir
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+
+class _Output:
+    """The output folder (local or ``gs://``), checked up front; nothing is created in it before
+    ``commit``. Files are written to a local staging folder; ``commit`` (after the whole run succeeded)
+    removes an earlier results.json, copies the new files in with results.json last, and removes the
+    files of an earlier run that this run did not write; ``abort`` drops the staging folder."""
+
+    def __init__(self, out_dir, protocol):
+        out_dir = io.check_path(out_dir, "--out")
+        if io.exists(out_dir) and not io.isdir(out_dir):
             raise InputError(f"--out {out_dir}: exists and is not a folder")
-        d, self.created = os.path.abspath(out_dir), None
-        while not os.path.exists(d):
-            self.created, d = d, os.path.dirname(d)
-        if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
-            raise InputError(f"--out {out_dir}: cannot create files under {d} (not a writable folder)")
-        os.makedirs(out_dir, exist_ok=True)
-        self.staging = tempfile.mkdtemp(prefix=".partial-", dir=out_dir)
+        self.out_dir = io.check_creatable_dir(out_dir, "--out")
+        self.earlier = False
+        if io.isdir(out_dir):
+            present = [n for n in ALL_OUTPUT_FILES if io.exists(io.join(out_dir, n))]
+            self.earlier = _earlier_results(io.join(out_dir, RESULTS))
+            clash = [n for n in OUTPUT_FILES[protocol] + (RESULTS,) if n in present]
+            if clash and not self.earlier:
+                raise InputError(f"--out {out_dir}: holds {clash[0]} but is not the folder of an earlier `adaface-jax "
+                                 f"evaluate` run (no {RESULTS} of one); refusing to overwrite it (choose another "
+                                 "folder or remove it)")
+        self.staging = tempfile.mkdtemp(prefix="adaface-evaluate-")
+
+    def path(self, name: str) -> str:
+        """Where a run writes its output ``name`` (in the local staging folder)."""
+        return os.path.join(self.staging, name)
 
     def commit(self):
-        for f in sorted(os.listdir(self.staging)):
-            os.replace(os.path.join(self.staging, f), os.path.join(self.out_dir, f))
-        os.rmdir(self.staging)
+        written = set(os.listdir(self.staging))
+        if self.earlier:  # no longer a finished run while the new files are copied in
+            io.remove(io.join(self.out_dir, RESULTS))
+            for name in ALL_OUTPUT_FILES:
+                if name not in written:
+                    io.remove(io.join(self.out_dir, name))
+        io.publish_dir(self.staging, self.out_dir, last=(RESULTS,))
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def abort(self):
         shutil.rmtree(self.staging, ignore_errors=True)
-        if self.created is None:
-            return
-        d = os.path.abspath(self.out_dir)  # remove the folders we created, only while empty
-        while True:
-            try:
-                os.rmdir(d)
-            except OSError:
-                return
-            if d == self.created:
-                return
-            d = os.path.dirname(d)
 
 
 def load_features_npz(path: str) -> dict:
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         raise InputError(f"features file not found: {path}")
     try:
-        z = np.load(path, allow_pickle=False)
+        z = np.load(io.readable(path), allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ProtocolError(f"{path}: not a readable .npz features file ({e}); expected np.savez output "
                             "(see `adaface-jax evaluate --help`)") from None
@@ -184,18 +218,19 @@ def _weights_digest(variables) -> str:
 
 
 def files_digest(paths, content: bool) -> str:
-    """Fingerprint of source files: size + sha256 of the bytes (``content``), or, for folders of
-    many images, relative path + size + mtime_ns of each file (no re-read of every image)."""
+    """Fingerprint of source files (local or ``gs://``): size + sha256 of the bytes (``content``), or,
+    for folders of many images, path + size + modification time of each file (no re-read of every
+    image)."""
     h = hashlib.sha256()
     for p in paths:
-        st = os.stat(p)
+        size, mtime_ns = io.file_info(p)
         if content:
-            h.update(f"{st.st_size}|".encode())
-            with open(p, "rb") as f:
+            h.update(f"{size}|".encode())
+            with io.open(p, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
         else:
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{p}|{size}|{mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -222,7 +257,7 @@ class _Extractor:
         m = self.model()
         if self._weights is None:
             self._weights = _weights_digest(m.variables)
-        stem = os.path.basename(os.path.normpath(self.args.checkpoint))
+        stem = io.basename(self.args.checkpoint)
         return (f"{stem}-{key}|weights={self._weights}|images={sources_digest}|flip={int(flip_test)}"
                 f"|fusion={self.args.fusion}|module={type(m.module).__name__}"
                 f"|dtype={getattr(m.module, 'dtype', None)}|backend={jax.default_backend()}")
@@ -237,16 +272,26 @@ class _Extractor:
 
 
 def _imread_bgr(paths):
-    import cv2  # noqa: PLC0415
     for p in paths:
-        img = cv2.imread(p, cv2.IMREAD_COLOR)
+        img = read_bgr(p)
         if img is None:
             raise InputError(f"cannot read image {p}")
         yield img[None]
 
 
 def _check_images_exist(paths, what):
-    missing = [p for p in paths if not os.path.isfile(p)]
+    """Every image is there (in a bucket: one listing per folder, not one request per image)."""
+    listed = {}
+
+    def there(p):
+        if not io.is_remote(p):
+            return io.isfile(p)
+        folder = io.dirname(p)
+        if folder not in listed:
+            listed[folder] = set(io.listdir(folder)) if io.isdir(folder) else set()
+        return io.basename(p) in listed[folder]
+
+    missing = [p for p in paths if not there(p)]
     if missing:
         raise InputError(f"{len(missing)} {what} image(s) missing, e.g. {missing[0]}")
 
@@ -257,27 +302,39 @@ def _check_images_exist(paths, what):
 def _hq_bins(args):
     bins = list(args.bin)
     for p in bins:
-        if not os.path.isfile(p):
+        if not io.isfile(p):
             raise InputError(f"--bin {p}: no such file")
     if args.data:
-        if not os.path.isdir(args.data):
+        if not io.isdir(args.data):
             raise InputError(f"--data {args.data}: not a folder")
-        found = [p for p in (os.path.join(args.data, f"{s}.bin") for s in HQ_SETS) if os.path.isfile(p)]
-        found = found or sorted(glob.glob(os.path.join(args.data, "*.bin")))
+        found = [p for p in (io.join(args.data, f"{s}.bin") for s in HQ_SETS) if io.isfile(p)]
+        found = found or [p for p in io.glob(args.data, "*.bin") if io.isfile(p)]
         if not found:
             raise InputError(f"--data {args.data}: no .bin file in this folder; expected {'/'.join(HQ_SETS)}.bin "
                              "(or give --bin PATH)")
         bins += found
     if not bins:
         raise InputError(f"no .bin files: give --bin PATH or --data with {'/'.join(HQ_SETS)}.bin")
-    names = [os.path.splitext(os.path.basename(p))[0] for p in bins]
+    names = [_stem(p) for p in bins]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"two .bin files named {dup[0]!r}: {[p for p, n in zip(bins, names) if n == dup[0]]}")
     return bins
 
 
-def run_hq(args, out_dir, name):
+def _stem(path: str) -> str:
+    """A path's last name without its extension."""
+    name = io.basename(path)
+    return name[:name.rfind(".")] if name.rfind(".") > 0 else name
+
+
+def _load_bin(path: str, cache_dir):
+    """A .bin (local or ``gs://``), its decoded images cached in ``cache_dir`` (local or ``gs://``) when given."""
+    from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
+    return load_bin(path, cache_dir=cache_dir)
+
+
+def run_hq(args, output, name):
     if args.features:
         z = load_features_npz(args.features)
         names = [str(s) for s in np.asarray(_require(z, "names", args.features)).reshape(-1)]
@@ -288,11 +345,10 @@ def run_hq(args, out_dir, name):
         metrics = evaluator.score({s: (f, None) for s, (f, _) in raw.items()},
                                   where={s: f"{args.features}: features_{s}" for s in names})
     else:
-        from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
         loaded = {}
         for path in _hq_bins(args):  # every .bin exists and parses before the model is loaded
-            images, issame = load_bin(path, cache_dir=args.cache_dir)
-            loaded[os.path.splitext(os.path.basename(path))[0]] = (path, images, issame)
+            images, issame = _load_bin(path, args.cache_dir)
+            loaded[_stem(path)] = (path, images, issame)
         evaluator = VerificationEvaluator({s: (images, issame) for s, (_, images, issame) in loaded.items()},
                                           nrof_folds=args.nrof_folds, drop_nan=args.drop_nan)
         extract = _Extractor(args)
@@ -316,8 +372,8 @@ def run_hq(args, out_dir, name):
                      f"{res['tar@far=1e-3']:.4f}", res["num_samples"]])
     mean_acc = metrics["mean_accuracy"]
     header = ["set", "accuracy", "std", "best_threshold", "tar@far=1e-3 (extra)", "num_images"]
-    write_csv(os.path.join(out_dir, "hq_result.csv"), header, rows + [["mean", f"{mean_acc:.4f}", "", "", "", ""]])
-    write_bytes(os.path.join(out_dir, "hq_roc.png"),
+    write_csv(output.path("hq_result.csv"), header, rows + [["mean", f"{mean_acc:.4f}", "", "", "", ""]])
+    write_bytes(output.path("hq_roc.png"),
                 plots.plot_roc(curves, title=f"{name}: HQ sets (10-fold mean)", log_x=False))
     _print_table(header, rows + [["mean", f"{mean_acc:.4f}", "", "", "", ""]])
     return {"sets": results, "mean_accuracy": mean_acc}
@@ -349,21 +405,22 @@ def _score(args, evaluator, key, num_images, flip_test, sources_fn, **score_kw):
 def _require_data(args, what):
     if not args.data:
         raise InputError(f"--data ROOT ({what}) is required")
-    if not os.path.isdir(args.data):
+    if not io.isdir(args.data):
         raise InputError(f"--data {args.data}: not a folder ({what})")
 
 
-def run_ijb(args, out_dir, name, ds):
+def run_ijb(args, output, name, ds):
     _require_data(args, f"the folder holding {ds}/")
     meta = ijb.load_meta(args.data, ds, unknown=args.unknown_templates)
-    # The evaluator parses the 1:N files now, before any expensive work; the caller aligns the crops.
+    # The evaluator checks and parses the 1:N files now, before any expensive work; the caller aligns the crops.
     evaluator = IJBEvaluator(meta, lambda: (x[None] for x in iter_warped_crops(ijb.crop_paths(meta), meta.landmarks)),
-                             fusion=args.fusion, unknown=args.unknown_templates, tie=args.tie, drop_nan=args.drop_nan)
+                             fusion=args.fusion, unknown=args.unknown_templates, tie=args.tie, drop_nan=args.drop_nan,
+                             identification=args.identification or "auto")
     if not args.features:
-        _check_images_exist([os.path.join(meta.files["loose_crop"], n) for n in meta.image_names], f"{ds} loose-crop")
+        _check_images_exist(ijb.crop_paths(meta), f"{ds} loose-crop")
 
     def sources():
-        crops = [os.path.join(meta.files["loose_crop"], n) for n in meta.image_names]
+        crops = ijb.crop_paths(meta)
         meta_digest = files_digest([meta.files["name_5pts"], meta.files["tid_mid"]], True)
         return f"{meta_digest}:{files_digest(crops, False)}"
 
@@ -373,16 +430,16 @@ def run_ijb(args, out_dir, name, ds):
     ver = metrics["verification"]
     fpr, tpr = ver.pop("fpr"), ver.pop("tpr")
     fars = list(ver["tar_at_far"])
-    write_csv(os.path.join(out_dir, "verification_result.csv"), ["Methods"] + [str(f) for f in fars],
+    write_csv(output.path("verification_result.csv"), ["Methods"] + [str(f) for f in fars],
               [[f"{name}-{ds}"] + [f"{ver['tar_at_far'][f] * 100:.2f}" for f in fars]])
-    write_bytes(os.path.join(out_dir, "verification_roc.png"),
+    write_bytes(output.path("verification_roc.png"),
                 plots.plot_roc({f"{name}-{ds}": (fpr, tpr, ver["auc"])}, title=f"{ds} 1:1 ROC"))
     _print_table(["FAR"] + [f"{f:g}" for f in fars], [["TAR %"] + [f"{ver['tar_at_far'][f] * 100:.2f}" for f in fars]])
     out = {"verification": ver, **dropped}
     if evaluator.has_1n:
         ident = metrics["identification"]
         r = ident["rank"]
-        write_csv(os.path.join(out_dir, "identification_result.csv"), ["", "top1", "top5", "top10"],
+        write_csv(output.path("identification_result.csv"), ["", "top1", "top5", "top10"],
                    [["identification", r[1], r[5], r[10]]])
         _print_table(["1:N (G1+G2 merged)", "rank1", "rank5", "rank10"],
                      [["closed set", f"{r[1]:.4f}", f"{r[5]:.4f}", f"{r[10]:.4f}"]])
@@ -393,11 +450,12 @@ def run_ijb(args, out_dir, name, ds):
                       ["reference pooled (non-standard)", *(f"{v:.4f}" for v in pooled.values())]])
         out["identification"] = ident
     else:
-        print(f"{ds}: 1:N CSV files not found; skipped identification", file=sys.stderr)
+        out["identification"] = {"skipped": evaluator.skipped_1n, "missing_files": evaluator.missing_1n}
+        print(f"{ds}: skipped identification: {evaluator.skipped_1n}", file=sys.stderr)
     return out
 
 
-def run_tinyface(args, out_dir, name):
+def run_tinyface(args, output, name):
     _require_data(args, "holding aligned_pad_0.1_pad_high/")
     proto = tinyface.build_protocol(args.data, on_collision=args.tinyface_on_collision, mat_dir=args.tinyface_protocol)
     evaluator = TinyFaceEvaluator(proto, lambda: _imread_bgr(proto.image_paths), tie=args.tie, drop_nan=args.drop_nan)
@@ -406,19 +464,19 @@ def run_tinyface(args, out_dir, name):
     res = metrics.pop("rank")
     dropped = metrics
     _report_dropped(dropped)
-    write_csv(os.path.join(out_dir, "result.csv"), ["rank", "values"], [[k, v] for k, v in res.items()])
-    write_bytes(os.path.join(out_dir, "cmc.png"), plots.plot_cmc({name: res}, title="TinyFace"))
+    write_csv(output.path("result.csv"), ["rank", "values"], [[k, v] for k, v in res.items()])
+    write_bytes(output.path("cmc.png"), plots.plot_cmc({name: res}, title="TinyFace"))
     _print_table(["TinyFace", *(f"rank{k}" for k in res)], [[name, *(f"{v:.4f}" for v in res.values())]])
     return {"rank": res, **dropped}
 
 
-def run_ijbs(args, out_dir, name):
+def run_ijbs(args, output, name):
     _require_data(args, "the IJB-S image root")
-    list_path = args.ijbs_image_list or os.path.join(args.data, "image_list_mtcnn_fail_skipped_v1.csv")
-    proto_dir = args.ijbs_protocol or os.path.join(args.data, "protocol")
+    list_path = args.ijbs_image_list or io.join(args.data, "image_list_mtcnn_fail_skipped_v1.csv")
+    proto_dir = args.ijbs_protocol or io.join(args.data, "protocol")
     paths = ijbs.read_image_list(list_path)
     proto = ijbs.build_protocol(proto_dir)
-    full = [os.path.join(args.data, p) for p in paths]
+    full = [io.join(args.data, p) for p in paths]
     if not args.features:
         _check_images_exist(full, "IJB-S")
     evaluator = IJBSEvaluator(proto, paths, lambda: _imread_bgr(full), tie=args.tie, drop_nan=args.drop_nan)
@@ -432,7 +490,7 @@ def run_ijbs(args, out_dir, name):
         rows.append([proto_name, *(f"{v:.4f}" for v in rk.values()), *(f"{v:.4f}" for v in op.values())])
         lines += [f"{proto_name},rank1,rank5,rank10", "closedset," + ",".join(str(v) for v in rk.values()),
                   f"{proto_name},0.01_FPIR,0.1_FPIR", "openset," + ",".join(str(v) for v in op.values())]
-    write_text(os.path.join(out_dir, "pre_norm_vector_add_cos_result.csv"), "\n".join(lines) + "\n")
+    write_text(output.path("pre_norm_vector_add_cos_result.csv"), "\n".join(lines) + "\n")
     _print_table(["IJB-S", "rank1", "rank5", "rank10", "TPIR@1%", "TPIR@10%"], rows)
     return {**res, **dropped}
 
@@ -446,27 +504,45 @@ def _print_table(header, rows):
             print("  ".join("-" * w for w in widths))
 
 
+def _check_paths(args) -> None:
+    """Every path argument canonical (local absolute or ``gs://``; an unknown scheme or a one-slash URL is
+    refused) and every output checked, before any work."""
+    for attr, what in (("checkpoint", "--checkpoint"), ("features", "--features"), ("data", "--data"),
+                       ("ijbs_image_list", "--ijbs-image-list"), ("ijbs_protocol", "--ijbs-protocol"),
+                       ("tinyface_protocol", "--tinyface-protocol")):
+        if getattr(args, attr):
+            setattr(args, attr, io.check_path(getattr(args, attr), what))
+    args.bin = [io.check_path(p, "--bin") for p in args.bin]
+    if args.cache_dir:
+        args.cache_dir = io.check_creatable_dir(args.cache_dir, "--cache-dir")
+    if args.save_features:
+        args.save_features = io.check_output_file(args.save_features, "--save-features", suffixes=(".npz",))
+    if args.identification and args.protocol not in ("ijbb", "ijbc"):
+        raise InputError(f"--identification applies to --protocol ijbb/ijbc, not {args.protocol}")
+
+
 def run(args) -> int:
+    _check_paths(args)
     source = args.checkpoint or args.features
-    if args.checkpoint and not os.path.exists(args.checkpoint):
+    if args.checkpoint and not io.exists(args.checkpoint):
         raise InputError(f"--checkpoint {args.checkpoint}: no such file or folder")
-    if args.features and not os.path.isfile(args.features):
+    if args.features and not io.isfile(args.features):
         raise InputError(f"--features {args.features}: no such file")
-    name = args.name or os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
-    out = _Output(args.out or os.path.join("results", args.protocol, name))
+    name = args.name or _stem(source)
+    out = _Output(args.out or io.join("results", args.protocol, name), args.protocol)
     try:
         if args.protocol == "hq":
-            results = run_hq(args, out.staging, name)
+            results = run_hq(args, out, name)
         elif args.protocol in ("ijbb", "ijbc"):
-            results = run_ijb(args, out.staging, name, args.protocol.upper())
+            results = run_ijb(args, out, name, args.protocol.upper())
         elif args.protocol == "tinyface":
-            results = run_tinyface(args, out.staging, name)
+            results = run_tinyface(args, out, name)
         else:
-            results = run_ijbs(args, out.staging, name)
+            results = run_ijbs(args, out, name)
         summary = {"protocol": args.protocol, "name": name, "source": source, "fusion": args.fusion,
                    "flip_test": not args.no_flip, "tie": args.tie, "drop_nan": bool(args.drop_nan),
                    "results": _jsonable(results)}
-        write_text(os.path.join(out.staging, "results.json"), json.dumps(summary, indent=2, allow_nan=True))
+        write_text(out.path(RESULTS), json.dumps(summary, indent=2, allow_nan=True))
         out.commit()
     except BaseException:
         out.abort()

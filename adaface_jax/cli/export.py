@@ -1,6 +1,10 @@
 """``adaface-jax export SRC OUT [--format torch|onnx|savedmodel]``: a converted directory, a released
 ``.ckpt`` or a training workdir -> a PyTorch ``{'state_dict': ...}`` (loads into the original net.py
-with ``strict=True``), an ONNX model or a TensorFlow SavedModel (see ``adaface_jax.deploy``)."""
+with ``strict=True``), an ONNX model or a TensorFlow SavedModel (see ``adaface_jax.deploy``).
+
+Without ``--format`` the format is OUT's suffix: ``.ckpt``/``.pt``/``.pth`` torch, ``.onnx`` onnx (a
+SavedModel folder needs ``--format savedmodel``); a ``--format`` that contradicts the suffix is refused.
+SRC and OUT may be local paths or ``gs://`` URLs."""
 from __future__ import annotations
 
 FORMATS = ("torch", "onnx", "savedmodel")
@@ -9,8 +13,9 @@ FORMATS = ("torch", "onnx", "savedmodel")
 def add_arguments(parser):
     parser.add_argument("src_dir", help="a converted directory (`adaface-jax convert`), a released .ckpt or a training "
                                         "workdir (its latest checkpoint; padded classifier columns are dropped)")
-    parser.add_argument("out", help="output: .ckpt (torch), .onnx file (onnx) or a new folder (savedmodel)")
-    parser.add_argument("--format", choices=FORMATS, default="torch")
+    parser.add_argument("out", help="output: .ckpt/.pt/.pth (torch), .onnx file (onnx) or a new folder (savedmodel)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="default: from OUT's suffix (.ckpt/.pt/.pth torch, .onnx onnx)")
     parser.add_argument("--no-head", action="store_true", help="torch: write the backbone only")
     parser.add_argument("--layout", choices=("NHWC", "NCHW"), default="NHWC",
                         help="onnx/savedmodel input layout (default NHWC, as the JAX model)")
@@ -40,8 +45,11 @@ def check_options(args) -> None:
 
 
 def run(args) -> int:
-    from adaface_jax.deploy.export import export_graph, export_to_file
+    from adaface_jax.deploy.export import export_graph, export_to_file, format_of
+    from adaface_jax.io import check_path
 
+    check_path(args.src_dir, "SRC")
+    args.format = format_of(args.out, args.format)
     check_options(args)
     if args.format == "torch":
         n = export_to_file(args.src_dir, args.out, include_head=not args.no_head)

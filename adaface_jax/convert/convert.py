@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from adaface_jax import io
 from adaface_jax.convert import mapping
 from adaface_jax.convert.safe_load import import_torch, read_torch_checkpoint
 from adaface_jax.errors import InputError
@@ -239,8 +240,9 @@ def to_torch_state_dict(sd: Mapping[str, np.ndarray]):
 
 
 def sha256_of(path: str) -> str:
+    """sha256 of a local or ``gs://`` file."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with io.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -266,42 +268,58 @@ def make_meta(arch: str, input_size: int, variables: Mapping, head: Optional[Map
     return meta
 
 
-def save_converted(out_dir: str, arch: str, input_size: int, variables: Mapping, head: Optional[Mapping] = None,
-                   meta_extra: Optional[dict] = None, force: bool = False) -> dict:
-    """Write ``out_dir/checkpoint`` (orbax) and ``out_dir/adaface_meta.json``; returns the meta."""
-
-    out_dir = os.path.abspath(out_dir)
-    ckpt_dir = os.path.join(out_dir, CKPT_NAME)
-    if os.path.exists(ckpt_dir) or os.path.exists(os.path.join(out_dir, META_NAME)):
+def check_converted_target(out_dir: str, force: bool = False) -> tuple:
+    """-> (canonical ``out_dir``, whether it holds an earlier converted checkpoint). Refuses a path that is
+    not a folder, an earlier output without ``force``, and a ``checkpoint`` entry that is not part of an
+    earlier output (never replaced)."""
+    out_dir = io.check_output_dir(out_dir, "output directory")
+    ckpt_dir, meta_path = io.join(out_dir, CKPT_NAME), io.join(out_dir, META_NAME)
+    earlier = io.exists(ckpt_dir) or io.exists(meta_path)
+    if earlier:
         if not force:
             raise FileExistsError(f"{out_dir} already holds a converted checkpoint (use --force to overwrite)")
-    os.makedirs(out_dir, exist_ok=True)
+        if not io.isfile(meta_path) or (io.exists(ckpt_dir) and not io.isdir(ckpt_dir)):
+            raise InputError(f"{out_dir}: its '{CKPT_NAME}' is not part of an earlier converted checkpoint (no "
+                             f"{META_NAME} beside a {CKPT_NAME}/ folder); refusing to replace it")
+    return out_dir, earlier
+
+
+def save_converted(out_dir: str, arch: str, input_size: int, variables: Mapping, head: Optional[Mapping] = None,
+                   meta_extra: Optional[dict] = None, force: bool = False) -> dict:
+    """Write ``out_dir/checkpoint`` (orbax) and ``out_dir/adaface_meta.json`` (a local folder or ``gs://``);
+    returns the meta.
+
+    The output is built in a local temporary folder and then copied in, ``adaface_meta.json`` last: a
+    folder is a converted checkpoint only once its meta file is there, so a crash never leaves one that
+    looks finished. ``force`` replaces an earlier converted checkpoint (its meta file goes first);
+    other files in ``out_dir`` are never touched."""
+    out_dir, earlier = check_converted_target(out_dir, force)
+    ckpt_dir, meta_path = io.join(out_dir, CKPT_NAME), io.join(out_dir, META_NAME)
     tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     if head:
         tree["head"] = {k: np.asarray(v, np.float32) for k, v in head.items()}
-    # Write next to the target, then swap in, so a crash never leaves a half-written checkpoint.
-    tmp = tempfile.mkdtemp(prefix=".tmp-convert-", dir=out_dir)
+    tmp = tempfile.mkdtemp(prefix="adaface-convert-")  # a local staging folder (orbax writes it)
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, CKPT_NAME), tree)
         ckptr.wait_until_finished()
         ckptr.close()
         meta = make_meta(arch, input_size, variables, head, **(meta_extra or {}))
-        with open(os.path.join(tmp, META_NAME), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        if os.path.exists(ckpt_dir):
-            shutil.rmtree(ckpt_dir)
-        os.replace(os.path.join(tmp, CKPT_NAME), ckpt_dir)
-        os.replace(os.path.join(tmp, META_NAME), os.path.join(out_dir, META_NAME))
+        io.write_text(os.path.join(tmp, META_NAME), json.dumps(meta, indent=2, sort_keys=True))
+        if earlier:  # no longer a finished output while the new one is copied in
+            io.remove(meta_path)
+            io.rmtree(ckpt_dir)
+        io.publish_dir(tmp, out_dir, last=(META_NAME,))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
 def convert_checkpoint(src: str, out_dir: str, arch: Optional[str] = None, force: bool = False) -> dict:
-    """``.ckpt`` -> converted directory; returns the written meta."""
+    """``.ckpt`` (local or ``gs://``) -> converted directory (local or ``gs://``); returns the written meta."""
+    src = io.check_path(src, "checkpoint")
     arch, input_size, variables, head, extras = map_torch_file(src, arch)
-    meta_extra = {"source": os.path.basename(src), "source_sha256": sha256_of(src), **extras}
+    meta_extra = {"source": io.basename(src), "source_sha256": sha256_of(src), **extras}
     return save_converted(out_dir, arch, input_size, variables, head, meta_extra, force=force)
 
 

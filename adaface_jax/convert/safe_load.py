@@ -17,6 +17,7 @@ import pickle
 import types
 import warnings
 
+from adaface_jax import io
 from adaface_jax.errors import InputError
 
 
@@ -119,30 +120,31 @@ def read_torch_checkpoint(path: str | os.PathLike):
     naming the file; a pickle that asks to run code is an ``UnsafeCheckpointError``."""
     torch = import_torch()
 
-    path = os.fspath(path)
-    if os.path.isdir(path):
+    path = io.check_path(path, "checkpoint")
+    if io.isdir(path):
         raise CheckpointReadError(f"{path}: is a directory, expected a PyTorch checkpoint file (or pass a converted "
                                   "directory or a training workdir where one is accepted)")
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         raise CheckpointReadError(f"{path}: no such checkpoint file")
-    with open(path, "rb") as f:
+    with io.open(path, "rb") as f:
         head = f.read(4)
     if not head:
         raise CheckpointReadError(f"{path}: empty file, expected a PyTorch checkpoint")
     if head != _ZIP_MAGIC and head[0] != _PICKLE_PROTO:
         raise CheckpointReadError(f"{path}: not a PyTorch checkpoint (expected a torch.save zip archive or pickle; "
                                   f"the file starts with {head!r})")
-    with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the result says enough
-        warnings.simplefilter("ignore")
+    # torch.load wants a file name (a bucket's file is read from a local copy)
+    with io.local_copy(path, suffix=".ckpt") as local, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr; the result says enough
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(local, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as weights_only_error:
             first_error = weights_only_error  # e.g. a Lightning checkpoint's AttributeDict: try the allowlist
         except Exception as e:  # noqa: BLE001  (untrusted bytes: any parse failure means a bad file)
             raise CheckpointReadError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                                       f"{type(e).__name__}: {_first_line(e)}") from e
         try:
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+            return torch.load(local, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
         except UnsafeCheckpointError as e:
             raise UnsafeCheckpointError(f"{path}: {e}") from first_error
         except Exception as e:  # noqa: BLE001

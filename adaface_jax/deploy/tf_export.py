@@ -15,11 +15,12 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from adaface_jax import io
 from adaface_jax.deploy.graph import walk_iresnet
 from adaface_jax.deploy.onnx_export import input_contract, with_input_contract
 from adaface_jax.errors import InputError
 
-META_FILE = os.path.join("assets.extra", "adaface_meta.json")
+META_FILE = "assets.extra/adaface_meta.json"
 
 
 class _TFEmitter:
@@ -114,20 +115,17 @@ def build_tf_module(variables: dict, arch: str, *, width: int = 64, input_size: 
 def save_savedmodel(variables: dict, arch: str, out_dir: str, *, width: int = 64, input_size: int = 112,
                     layout: str = "NHWC", channel_order: str = "BGR", include_norm: bool = True,
                     metadata: dict | None = None) -> dict:
-    """Write the SavedModel folder atomically (a temp folder renamed into place); returns the contract."""
+    """Write the SavedModel folder (local or ``gs://``): built in a local temporary folder, then copied in
+    with ``saved_model.pb`` last, so the folder is a SavedModel only once it is whole; returns the contract."""
     module = build_tf_module(variables, arch, width=width, input_size=input_size, layout=layout,
                              channel_order=channel_order, include_norm=include_norm)
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    tmp = tempfile.mkdtemp(prefix="adaface-savedmodel-")  # built locally, then copied in (local or gs://)
     try:
         tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
         contract = input_contract(arch, input_size, layout, channel_order, "float32", include_norm, metadata)
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(contract, f, indent=2)
-        os.replace(tmp, out_dir)
-    except BaseException:
+        io.write_text(os.path.join(tmp, *META_FILE.split("/")), json.dumps(contract, indent=2))
+        io.publish_dir(tmp, out_dir, last=(META_FILE, "saved_model.pb"))  # loaders look for saved_model.pb
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return contract
