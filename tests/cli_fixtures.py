@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from adaface_jax.cli import main
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `adaface-jax ...` in a fresh interpreter, through the stable entry point adaface_jax.cli.main.
 CLI = [sys.executable, "-c", "import sys; from adaface_jax.cli import main; sys.exit(main(sys.argv[1:]))"]
@@ -109,3 +111,24 @@ def signalled_run(workdir, signum, every_steps, wait_for, what):
     assert proc.returncode == 0, err[-3000:]
     assert f"signal {int(signum)}: saved step" in err
     return err, logged_steps(workdir)[-1]
+
+
+def fail(capsys, argv, *needles):
+    """Runs the CLI expecting exit 1 and ONE error line holding every needle; returns the line."""
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert rc == 1 and len(lines) == 1, err
+    assert lines[0].startswith(f"adaface-jax {argv[0]}: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def ok(capsys, argv) -> dict:
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else out

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from adaface_jax.cli import main
 from data_pipeline import convert, recordio
 from data_pipeline.manifest import read_manifest, shard_paths
 from data_pipeline.tfrecord import make_example, write_tfrecord_atomic
+from cli_fixtures import fail, ok
 from data_fixtures import read_tfrecord_examples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,27 +30,6 @@ def small_jpeg(seed: int, size: int = 16) -> bytes:
 def truncated(data: bytes) -> bytes:
     """A JPEG cut after its headers and part of the scan (starts like a JPEG; only decoding finds it)."""
     return data[: len(data) * 2 // 3]
-
-
-def fail(capsys, argv, *needles):
-    """Runs the CLI expecting exit 1 and ONE error line holding every needle; returns the line."""
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert rc == 1 and len(lines) == 1, err
-    assert lines[0].startswith(f"adaface-jax {argv[0]}: error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def ok(capsys, argv) -> dict:
-    capsys.readouterr()
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else out
 
 
 def temporaries(root) -> list:

@@ -9,7 +9,6 @@ rule is broken by one step:
 * an interrupted conversion (the process killed mid-shard) resumes, or is refused for another source;
 * when an existing output may be replaced (only an earlier output of the same kind).
 """
-import json
 import os
 import signal
 import stat
@@ -19,33 +18,12 @@ import sys
 import numpy as np
 import pytest
 
-from adaface_jax.cli import main
 from data_pipeline import convert
 from data_pipeline.manifest import read_manifest
+from cli_fixtures import fail, ok
 from data_fixtures import jpeg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def fail(capsys, argv, *needles):
-    """Runs the CLI expecting exit 1 and ONE error line holding every needle; returns the line."""
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert rc == 1 and len(lines) == 1, err
-    assert lines[0].startswith(f"adaface-jax {argv[0]}: error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def ok(capsys, argv) -> dict:
-    capsys.readouterr()
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else out
 
 
 def images(folder, names, size=16, seed=0):
