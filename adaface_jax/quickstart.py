@@ -7,10 +7,13 @@
    loop as every recipe: orbax checkpoints, TensorBoard + JSONL logs, a sample grid);
 4. score the trained network: 10-fold accuracy (overall and by pair quality), TAR@FAR, an ROC
    curve and the feature-norm-vs-quality plot; print a table and write ``results.json``.
+
+The workdir may be a local folder or a ``gs://`` URL: every file goes through ``adaface_jax.io`` (the training
+run's layout is ``RunDir``'s), each output is written atomically, and ``results.json`` -- the marker of a
+finished quickstart -- is removed when a run starts and written last.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,8 +22,9 @@ import jax
 import numpy as np
 from scipy.stats import spearmanr
 
+from adaface_jax import io
 from adaface_jax.features import extract_features
-from adaface_jax.io import atomic_write, write_bytes
+from adaface_jax.run_dir import RunDir
 from adaface_jax.train.config_io import apply_overrides, load_config
 from adaface_jax.train.loop import train
 from adaface_jax.train.setup import build_backbone
@@ -32,6 +36,10 @@ from evaluation.ijb import roc_curve, tar_at_far
 from evaluation.plots import plot_norm_vs_quality, plot_roc
 
 log = logging.getLogger("adaface_jax.quickstart")
+RESULTS = "results.json"  # the marker of a finished quickstart: written last
+OUTPUTS = ("roc.png", "norm_vs_quality.png", RESULTS)  # in the workdir, besides data/ and run/
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                              "quickstart_cpu.py")  # the repository's recipe (a local Python file)
 
 
 def _pair_quality(quality: np.ndarray) -> np.ndarray:
@@ -62,29 +70,25 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
                    identities: int = 100, images_per_identity: int = 24, val_identities: int = 60,
                    val_pairs: int = 400, seed: int = 0) -> dict:
     """The whole quickstart (see the module docstring); returns the results written to results.json."""
-
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t_start = time.time()
-    workdir = os.path.abspath(workdir)
-    data_dir = os.path.join(workdir, "data")
-    run_dir = os.path.join(workdir, "run")
-    config_path = config_path or os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
-                                              "quickstart_cpu.py")
+    workdir = io.check_creatable_dir(workdir, "--workdir")  # refused before anything is made
+    data_dir = io.join(workdir, "data")
+    run = RunDir.of(io.join(workdir, "run"), "--workdir")
+    config_path = config_path or DEFAULT_CONFIG
 
     overrides = {**(overrides or {}), "num_classes": str(identities), "data.data_dir": data_dir}
     config = apply_overrides(load_config(config_path), overrides)
+    for name in OUTPUTS:  # an earlier quickstart's outputs are replaced, another file of that name refused
+        if io.exists(io.join(workdir, name)):
+            io.check_output_file(io.join(workdir, name), "--workdir", suffixes=(name[name.rindex("."):],))
+    io.makedirs(workdir)
+    io.remove(io.join(workdir, RESULTS))  # not a finished quickstart while this one runs
 
     # 1. data (skipped when already there, so a rerun resumes training instead of starting over)
-    val_bin = os.path.join(data_dir, "synthetic_val.bin")
-    if not os.path.exists(os.path.join(data_dir, "manifest.json")):
-        print(f"[1/4] rendering {identities} x {images_per_identity} synthetic training faces")
-        synthetic.write_synthetic_dataset(data_dir, identities, images_per_identity, seed=seed)
-    if not os.path.exists(val_bin):
-        print(f"[1/4] rendering {val_pairs} verification pairs of {val_identities} held-out identities")
-        synthetic.write_verification_bin(val_bin, val_identities, val_pairs, seed=seed)
+    val_bin, val_quality = render_data(data_dir, identities, images_per_identity, val_identities, val_pairs, seed)
     images, issame = load_bin(val_bin)
-    quality = np.load(os.path.splitext(val_bin)[0] + ".quality.npy")
+    quality = np.load(io.readable(val_quality))
 
     # 2. the untrained network: the exact initial state training starts from
     model = build_backbone(config, 1)
@@ -97,8 +101,8 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
 
     # 3. training
     print(f"[3/4] training {config.model.arch} (width {config.model.get('width', 64)}) with "
-          f"{config.head.name} on {jax.device_count()} device(s); logs and checkpoints in {run_dir}")
-    summary, state = train(config, run_dir)
+          f"{config.head.name} on {jax.device_count()} device(s); logs and checkpoints in {run}")
+    summary, state = train(config, run.root)
 
     # 4. the trained network
     print("[4/4] scoring the trained network")
@@ -107,12 +111,38 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
     feats1, norms1 = extract_features(model, variables, images, batch_size=config.evals.verification.batch_size, progress=False)
     after = score_pairs(feats1, norms1, issame, quality)
 
-    roc_png = write_bytes(os.path.join(workdir, "roc.png"),
-                          plot_roc({"untrained": before["roc"], "trained": after["roc"]},
-                                   title="Held-out synthetic identities", xlim=(1e-3, 1.0)))
-    norm_png = write_bytes(os.path.join(workdir, "norm_vs_quality.png"),
-                           plot_norm_vs_quality(norms1, quality, reference=(norms0, "untrained"), label="trained"))
+    results = write_results(workdir, run, before, after, quality, summary, seconds=time.time() - t_start)
+    print(format_table(results, len(issame)))
+    return results
 
+
+def render_data(data_dir: str, identities: int, images_per_identity: int, val_identities: int, val_pairs: int,
+                seed: int) -> tuple[str, str]:
+    """The training identities (a TFRecord dataset) and the held-out verification .bin with its per-image
+    quality in ``data_dir`` (local or ``gs://``), each made only when it is not there yet; returns the paths of
+    the .bin and of its ``.quality.npy``."""
+    val_bin = io.join(data_dir, "synthetic_val.bin")
+    val_quality = val_bin[:-len(".bin")] + ".quality.npy"  # written next to it by write_verification_bin
+    if not io.exists(io.join(data_dir, "manifest.json")):
+        print(f"[1/4] rendering {identities} x {images_per_identity} synthetic training faces")
+        synthetic.write_synthetic_dataset(data_dir, identities, images_per_identity, seed=seed)
+    if not (io.exists(val_bin) and io.exists(val_quality)):
+        print(f"[1/4] rendering {val_pairs} verification pairs of {val_identities} held-out identities")
+        synthetic.write_verification_bin(val_bin, val_identities, val_pairs, seed=seed)
+    return val_bin, val_quality
+
+
+def write_results(workdir: str, run: RunDir, before: dict, after: dict, quality, summary: dict,
+                  seconds: float) -> dict:
+    """The ROC and norm-vs-quality plots, then ``results.json`` (the marker, last) into ``workdir`` (local or
+    ``gs://``), each written atomically; ``before``/``after`` are ``score_pairs`` of the untrained and the
+    trained network, ``summary`` what ``train`` returned. Returns the results."""
+    roc_png = io.write_bytes(io.join(workdir, "roc.png"),
+                             plot_roc({"untrained": before["roc"], "trained": after["roc"]},
+                                      title="Held-out synthetic identities", xlim=(1e-3, 1.0)))
+    norm_png = io.write_bytes(io.join(workdir, "norm_vs_quality.png"),
+                              plot_norm_vs_quality(after["norms"], quality, reference=(before["norms"], "untrained"),
+                                                   label="trained"))
     results = {}
     for name, r in (("untrained", before), ("trained", after)):
         results[name] = {k: v for k, v in r.items() if k not in ("roc", "norms")}
@@ -120,13 +150,10 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
     results["train"] = {"steps": summary["step"], "final_loss": summary["metrics"].get("loss"),
                         "batch_mean": summary["metrics"].get("batch_mean"),
                         "batch_std": summary["metrics"].get("batch_std")}
-    results["files"] = {"checkpoints": os.path.join(run_dir, "checkpoints"), "tensorboard": run_dir,
-                        "metrics": os.path.join(run_dir, "metrics.jsonl"), "roc": roc_png,
-                        "norm_vs_quality": norm_png, "training_samples": os.path.join(run_dir, "training_samples.png")}
-    results["seconds"] = round(time.time() - t_start, 1)
-    with atomic_write(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(format_table(results, len(issame)))
+    results["files"] = {"checkpoints": run.checkpoints, "tensorboard": run.tensorboard, "metrics": run.metrics,
+                        "roc": roc_png, "norm_vs_quality": norm_png, "training_samples": run.training_samples}
+    results["seconds"] = round(seconds, 1)
+    io.write_json(io.join(workdir, RESULTS), results, indent=2)  # last
     return results
 
 

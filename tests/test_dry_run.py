@@ -136,3 +136,22 @@ def test_webface12m_plan_never_gathers_the_classifier():
     lo, hi = (10, 40) if DRY_RUN_ARCH == "ir_18" else (50, 120)
     assert lo < gflop < hi, gflop
     assert "fits in 80 GB per device: yes" in out
+
+
+def test_class_count_reads_a_manifest_in_a_bucket_and_refuses_a_typed_url(gcs_bucket):
+    """The plan's class count comes from the dataset's manifest through the file layer (here in gs://); a URL the
+    layer does not serve is refused, not taken for a missing folder (which would plan config.num_classes)."""
+    from adaface_jax.errors import ConfigError
+    from data_pipeline import synthetic
+
+    synthetic.write_synthetic_dataset(f"{gcs_bucket}/ds", 3, 2, show_progress=False)
+    c = tiny_config(1000)
+    c.data.source = "tfrecord"
+    c.data.data_dir = f"{gcs_bucket}/ds"
+    assert dry_run.class_count(c) == (3, f"manifest of {gcs_bucket}/ds")
+    c.data.data_dir = f"{gcs_bucket}/nothing-here"
+    assert dry_run.class_count(c) == (1000, "config.num_classes")
+    for url, needle in (("gs:/bucket/ds", "not a valid URL"), ("s4://bucket/ds", "unsupported URL scheme 's4:'")):
+        c.data.data_dir = url
+        with pytest.raises(ConfigError, match=needle):
+            dry_run.class_count(c)

@@ -320,3 +320,91 @@ def test_command_runs_records_and_resumes(tmp_path):
     assert len(json.loads((out / "study.json").read_text())["runs"]) == 4
     changed = _cli(*args[:-1], "--config.study.steps=3")  # other settings: not the recorded runs
     assert changed.returncode == 0 and "skipped" not in changed.stdout
+
+
+# --- files: every path through adaface_jax.io, local or gs:// ------------------------------------------------
+# The smallest study that runs every part: the tiny backbone, 4 + 4 synthetic identities, AdaFace, one seed, 2
+# steps (about 12 s of CPU in this process; the command in a child process costs ~25 s, so the bucket run below
+# calls run_study and write_report in-process).
+TINY_STUDY = {"study.datasets": "synthetic", "study.heads": "adaface", "study.seeds": "0", "study.steps": "2",
+              "model.arch": "tiny", "study.synthetic_train_identities": "4", "study.synthetic_test_identities": "4"}
+
+
+def _refused(capsys, argv, *needles):
+    """``adaface-jax ARGV`` in this process: exit status 1 and ONE stderr line holding every needle."""
+    from adaface_jax.cli import main  # noqa: PLC0415
+
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"adaface-jax {argv[0]}: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--out", "s4://bucket/mini"], "--out s4://bucket/mini: unsupported URL scheme 's4:'"),
+    (["--out", "gs:/bucket/mini"], "--out gs:/bucket/mini: not a valid URL"),
+    (["--out", "gs://"], "no bucket"),
+    (["--yale-b", "s4://bucket/yale"], "--yale-b s4://bucket/yale: unsupported URL scheme 's4:'"),
+    (["--yale-b", "gs:/bucket/yale"], "--yale-b gs:/bucket/yale: not a valid URL"),
+])
+def test_paths_the_file_layer_does_not_serve_are_refused(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)  # the default --out is runs/miniature, relative to here
+    _refused(capsys, ["miniature", *args], needle)
+    assert os.listdir(tmp_path) == []  # no folder named after a URL scheme, no runs/
+
+
+def test_an_out_that_is_a_file_or_holds_another_file_of_a_report_name_is_refused(tmp_path, capsys):
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8 a photo")
+    _refused(capsys, ["miniature", "--out", str(photo)], "exists and is not a directory")
+    assert photo.read_bytes() == b"\xff\xd8 a photo"
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "study.json").write_text("my notes, not JSON")
+    _refused(capsys, ["miniature", "--out", str(out), *[f"--config.{k}={v}" for k, v in TINY_STUDY.items()]],
+             "study.json: exists and is not an earlier .json output")
+    assert (out / "study.json").read_text() == "my notes, not JSON" and os.listdir(out) == ["study.json"]
+
+
+def test_study_and_report_in_a_bucket_marker_last_and_resumed(gcs_bucket, tmp_path, monkeypatch):
+    """run_study and write_report into gs://: each file uploaded once, whole, to its final name; the record before
+    study.json, summary.json last; a second run reads the record back from the bucket and appends to the log."""
+    from adaface_jax import io
+    from adaface_jax.miniature import run_study
+    from adaface_jax.miniature.report import write_report
+    from adaface_jax.train.config_io import apply_overrides, load_config
+
+    monkeypatch.chdir(tmp_path)
+    uploads = []
+    upload = io._upload
+    monkeypatch.setattr(io, "_upload", lambda local, path: (uploads.append(path), upload(local, path))[1])
+    out = f"{gcs_bucket}/mini"
+    config = apply_overrides(load_config(os.path.join(ROOT, "configs", "paper_miniature.py:small")), TINY_STUDY)
+    result = run_study(config, out, quiet=True)
+    paths = write_report(result, out)
+
+    names = [u[len(out) + 1:] for u in uploads]
+    record = "runs/synthetic-adaface-seed0.json"
+    reported = ["table.md", "overview.png", "accuracy_by_quality.png", "adaface_training.png",
+                "norm_vs_quality_synthetic.png"]
+    assert [n for n in names if n != "study.log"] == [record, "study.json", *reported, "summary.json"]
+    assert sorted(io.listdir(out)) == sorted(["runs", "study.json", "study.log", "summary.json", *reported])
+    assert paths["summary"] == f"{out}/summary.json" and paths["overview"] == f"{out}/overview.png"
+    assert all(io.read_bytes(f"{out}/{n}")[:8] == b"\x89PNG\r\n\x1a\n" for n in reported if n.endswith(".png"))
+    study = json.loads(io.read_text(f"{out}/study.json"))
+    assert [r["head"] for r in study["runs"]] == ["adaface"] and study["resumed_runs"] == 0
+    assert json.loads(io.read_text(f"{out}/summary.json"))["synthetic"]["heads"]["adaface"]["seeds"] == [0]
+    assert "| synthetic | adaface |" in io.read_text(f"{out}/table.md")
+    log = io.read_text(f"{out}/study.log")
+    assert "held-out Spearman" in log and "study finished" in log
+
+    uploads.clear()
+    again = run_study(config, out, quiet=True)
+    assert again["resumed_runs"] == 1 and again["runs"] == result["runs"]
+    assert record not in [u[len(out) + 1:] for u in uploads]  # read back, not trained and written again
+    log_again = io.read_text(f"{out}/study.log")
+    assert log_again.startswith(log) and "recorded earlier, skipped" in log_again[len(log):]
+    assert os.listdir(tmp_path) == []  # nothing written locally, no folder named 'gs:'

@@ -3,13 +3,12 @@ plots: feature norm against quality per head, accuracy by quality bin per head, 
 and norm statistics over training."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from adaface_jax.io import write_bytes, write_json, write_text
+from adaface_jax import io
 from evaluation.plots import figure_png, pyplot
 
+SUMMARY_FILE = "summary.json"  # the report's marker: written last, removed before anything of a new report
 HEAD_COLOURS = {"adaface": "tab:red", "arcface": "tab:blue", "cosface": "tab:green"}
 
 
@@ -224,17 +223,28 @@ def plot_overview(result: dict, summary: dict) -> bytes:
 
 
 def write_report(result: dict, out_dir: str) -> dict:
-    """summary.json, table.md and the PNGs into ``out_dir``; returns {name: path}."""
+    """table.md, the PNGs and then summary.json into ``out_dir`` (a local folder or a ``gs://`` URL), each file
+    written atomically; summary.json comes last, so a report that has it is whole (an earlier report's is removed
+    first). A file of one of those names that is not an earlier report's is refused. Returns {name: path}."""
+    out_dir = io.check_creatable_dir(out_dir, "--out")
     summary = summarize(result)
-    paths = {"summary": write_json(os.path.join(out_dir, "summary.json"), summary),
-             "table": write_text(os.path.join(out_dir, "table.md"), table_markdown(summary) + "\n" + paired_text(summary)),
-             "overview": write_bytes(os.path.join(out_dir, "overview.png"), plot_overview(result, summary)),
-             "accuracy_by_quality": write_bytes(os.path.join(out_dir, "accuracy_by_quality.png"),
-                                                plot_accuracy_by_quality(result, summary))}
+    files = {"table": ("table.md", lambda: table_markdown(summary) + "\n" + paired_text(summary)),
+             "overview": ("overview.png", lambda: plot_overview(result, summary)),
+             "accuracy_by_quality": ("accuracy_by_quality.png", lambda: plot_accuracy_by_quality(result, summary))}
     if any(r["head"] == "adaface" for r in result["runs"]):
-        paths["adaface_training"] = write_bytes(os.path.join(out_dir, "adaface_training.png"),
-                                                plot_adaface_training(result))
+        files["adaface_training"] = ("adaface_training.png", lambda: plot_adaface_training(result))
     for dataset in summary:
-        paths[f"norm_vs_quality_{dataset}"] = write_bytes(os.path.join(out_dir, f"norm_vs_quality_{dataset}.png"),
-                                                          plot_norm_vs_quality(result, summary, dataset))
+        files[f"norm_vs_quality_{dataset}"] = (f"norm_vs_quality_{dataset}.png",
+                                               lambda dataset=dataset: plot_norm_vs_quality(result, summary, dataset))
+    io.makedirs(out_dir)
+    for name in [n for n, _ in files.values()] + [SUMMARY_FILE]:
+        io.check_output_file(io.join(out_dir, name), "--out", suffixes=(name[name.rindex("."):],))
+    marker = io.join(out_dir, SUMMARY_FILE)
+    io.remove(marker)  # an earlier report is no longer whole while this one is written
+    paths = {}
+    for key, (name, make) in files.items():
+        content = make()
+        write = io.write_text if isinstance(content, str) else io.write_bytes
+        paths[key] = write(io.join(out_dir, name), content)
+    paths["summary"] = io.write_json(marker, summary)  # last
     return paths

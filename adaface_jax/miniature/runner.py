@@ -4,7 +4,9 @@ measure each on held-out identities (``evaluation.quality``).
 One step is compiled per (dataset, head) with ``train.setup.build_trainer``; every seed re-initialises the
 state and reuses it.  A run's record is written to ``<out>/runs/<dataset>-<head>-seed<k>.json`` as soon as
 it finishes, and a re-run with the same settings skips the runs already recorded (resume after an
-interrupt).
+interrupt).  ``<out>`` may be a local folder or a ``gs://`` URL: every file goes through ``adaface_jax.io``,
+each written atomically; ``study.json`` is written after every record (and an earlier one, with the report's
+``summary.json``, removed when a run starts), so a folder that has it is a finished study.
 """
 from __future__ import annotations
 
@@ -12,36 +14,47 @@ import copy
 import functools
 import hashlib
 import json
-import os
 import time
 
 import jax
 import numpy as np
 
-from adaface_jax import parallel
+from adaface_jax import io, parallel
 from adaface_jax.compile_options import compiler_options
 from adaface_jax.errors import ConfigError
 from adaface_jax.features import normalize_bgr
 from adaface_jax.heads import margin_scaler
-from adaface_jax.io import write_json
 from adaface_jax.miniature.data import StudyData, load_study_data, make_batch, probe_rows
+from adaface_jax.miniature.report import SUMMARY_FILE
 from adaface_jax.train.loop import make_embed_fn
 from adaface_jax.train.setup import build_trainer, init_state, resolve_cpu_convolutions
 from evaluation.quality import make_quality_pairs, norm_quality_spearman, verification_by_quality
 
+STUDY_FILE = "study.json"  # the study's marker: written after every record
+
+
 class Log:
-    """Progress lines on stdout and appended to ``<out>/study.log``."""
+    """Progress lines on stdout and appended to ``<out>/study.log``. An object in a bucket cannot be appended
+    to: there the log is kept in memory (earlier runs' lines first) and the whole file uploaded anew each line."""
 
     def __init__(self, out_dir: str, quiet: bool = False):
-        self.path = os.path.join(out_dir, "study.log")
+        self.path = io.join(out_dir, "study.log")
         self.quiet = quiet
+        self.remote = io.is_remote(self.path)
+        self.text = ""
+        if self.remote and io.isfile(self.path):
+            self.text = io.read_text(self.path)
 
     def __call__(self, message: str):
-        line = f"{time.strftime('%H:%M:%S')} {message}"
+        line = f"{time.strftime('%H:%M:%S')} {message}\n"
         if not self.quiet:
-            print(line, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            print(line, end="", flush=True)
+        if self.remote:
+            self.text += line
+            io.write_text(self.path, self.text)
+        else:
+            with io.open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
 
 
 def check_study(config) -> None:
@@ -188,10 +201,20 @@ def train_one(trainer, state, probe, data: StudyData, config, seed: int, log, la
 
 def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool = False) -> dict:
     """Every (dataset, head, seed) run of ``config.study``; returns {'datasets': {...}, 'runs': [...]}
-    and writes ``<out>/runs/*.json``."""
+    and writes ``<out>/runs/*.json`` and then ``<out>/study.json`` (``out_dir``: a local folder or a ``gs://``
+    URL; refused, before anything is made, when it is neither or names a file)."""
     study = config.study
+    out_dir = io.check_creatable_dir(out_dir, "--out")
+    if yale_b_dir is not None:
+        yale_b_dir = io.check_path(yale_b_dir, "--yale-b")
     check_study(config)
-    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    markers = [io.join(out_dir, name) for name in (STUDY_FILE, SUMMARY_FILE)]
+    for marker in markers:  # an earlier study's are replaced; another file of that name is refused
+        if io.exists(marker):
+            io.check_output_file(marker, "--out", suffixes=(".json",))
+    io.makedirs(io.join(out_dir, "runs"))
+    for marker in markers:  # no longer a finished study while it is updated
+        io.remove(marker)
     log = Log(out_dir, quiet)
     t_start = time.perf_counter()
     datasets = load_study_data(config, yale_b_dir)
@@ -216,12 +239,11 @@ def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool =
                 done += 1
                 label = f"[{done}/{total}] {data.name} {head} seed {seed}"
                 cfg = run_config(config, data, head, seed)
-                path = os.path.join(out_dir, "runs", f"{data.name}-{head}-seed{seed}.json")
+                path = io.join(out_dir, "runs", f"{data.name}-{head}-seed{seed}.json")
                 key = fingerprint(cfg, data_hash)
-                if os.path.exists(path):
+                if io.exists(path):
                     try:
-                        with open(path, encoding="utf-8") as f:
-                            previous = json.load(f)
+                        previous = json.loads(io.read_text(path))
                     except (OSError, ValueError) as e:  # a damaged record is trained again, not trusted
                         log(f"{label}: {path} is unreadable ({type(e).__name__}), training it again")
                         previous = {}
@@ -246,7 +268,7 @@ def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool =
                               untrained_spearman=untrained["spearman"], **evaluate_heldout(trainer, state, data,
                                                                                           pairs, cfg))
                 record = json.loads(json.dumps(record))  # as a resumed run reads it back (e.g. FAR keys as text)
-                write_json(path, record)
+                io.write_json(path, record)
                 result["runs"].append(record)
                 _untrained(result, data.name, seed, record)
                 lq, hq = record["bins"][0]["accuracy"], record["bins"][-1]["accuracy"]
@@ -256,7 +278,7 @@ def run_study(config, out_dir: str, yale_b_dir: str | None = None, quiet: bool =
     result["runtime_s"] = time.perf_counter() - t_start  # this invocation (recorded runs are not re-run)
     result["resumed_runs"] = resumed
     result["config"] = config.to_dict()
-    write_json(os.path.join(out_dir, "study.json"), result, default=str)
+    io.write_json(io.join(out_dir, STUDY_FILE), result, default=str)
     log(f"study finished in {result['runtime_s'] / 60:.1f} min")
     return result
 

@@ -7,6 +7,7 @@ import sys
 
 import ml_collections
 
+from adaface_jax import io
 from adaface_jax.errors import InputError
 
 
@@ -17,9 +18,10 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     if "://" in path:
         raise InputError(f"--config {path}: a recipe is a local Python file (configs/*.py); copy it from the bucket "
                          "first")
-    if not os.path.isfile(path) and ":" in path:
+    io.check_path(path, "--config")  # a URL typed with one slash ('gs:/b/x') is refused, not looked up locally
+    if not io.isfile(path) and ":" in path:
         path, arg = path.rsplit(":", 1)
-    if not os.path.isfile(path):
+    if not io.isfile(path):
         raise InputError(f"--config {path}: file not found (expected a configs/*.py recipe)")
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     if repo_root not in sys.path:  # recipes import configs.common

@@ -22,7 +22,6 @@ directory exists, else ``config.num_classes``.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Optional
 
@@ -30,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaface_jax import parallel
+from adaface_jax import io, parallel
+from adaface_jax.errors import ConfigError, InputError
 from adaface_jax.train.loop import read_data_manifest, validate_config
 from adaface_jax.train.program_cost import collective_bytes, model_flops
 from adaface_jax.train.setup import build_trainer, precision, resolve_cpu_convolutions
@@ -49,11 +49,17 @@ def _gb(x: float) -> str:
 
 
 def class_count(config) -> tuple[int, str]:
-    """(classes, where from): the manifest's count when ``config.data.data_dir`` exists, else the config's."""
+    """(classes, where from): the manifest's count when ``config.data.data_dir`` (local or ``gs://``) exists,
+    else the config's."""
     d = config.data.get("data_dir", "")
-    if config.data.source == "tfrecord" and d and os.path.isdir(d):
-        manifest = read_data_manifest(config)
-        return int(manifest["num_classes"]), f"manifest of {d}"
+    if config.data.source == "tfrecord" and d:
+        try:
+            d = io.check_path(d, "config.data.data_dir")  # a typo'd URL is refused, not taken for a missing folder
+        except InputError as e:
+            raise ConfigError(str(e)) from e
+        if io.isdir(d):
+            manifest = read_data_manifest(config)
+            return int(manifest["num_classes"]), f"manifest of {d}"
     return int(config.num_classes), "config.num_classes"
 
 
