@@ -154,16 +154,15 @@ def glob(folder: PathLike, pattern: str) -> List[str]:
 
 
 def walk(top: PathLike) -> Iterator[tuple]:
-    """``os.walk`` for either kind of path: (folder, sorted subfolders, sorted files)."""
+    """``os.walk`` for either kind of path: (folder, sorted subfolders, sorted files); one listing per folder
+    on an object store (``scandir``)."""
     top = os.fspath(top)
     if not is_remote(top):
         for folder, dirs, files in os.walk(top):
             dirs.sort()
             yield folder, dirs, sorted(files)
         return
-    names = listdir(top)
-    dirs = [n for n in names if isdir(join(top, n))]
-    files = [n for n in names if n not in dirs]
+    dirs, files, _ = scandir(top)
     yield top, dirs, files
     for d in dirs:
         yield from walk(join(top, d))
@@ -249,32 +248,14 @@ def local_copy(path: PathLike, suffix: str = ""):
             os.remove(tmp)
 
 
-@contextlib.contextmanager
-def local_dir_copy(path: PathLike):
-    """``with local_dir_copy(p) as local:`` -- a local folder with ``p``'s content (downloaded when remote)."""
-    path = os.fspath(path)
-    if not is_remote(path):
-        yield path
-        return
-    tmp = tempfile.mkdtemp(prefix="adaface-")
-    try:
-        for folder, _, files in walk(path):
-            rel = folder[len(path):].lstrip("/")
-            os.makedirs(os.path.join(tmp, rel), exist_ok=True)
-            for name in files:
-                copy(join(folder, name), os.path.join(tmp, rel, name))
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Output pre-flight checks
 # ----------------------------------------------------------------------------------------------------
 # The first bytes of each kind of output the project writes: an existing file is replaced only when it is
 # an earlier output of the same kind (a typo such as ``--out photo.jpg`` must never replace a photo).
-MAGIC = {".npz": b"PK\x03\x04", ".npy": b"\x93NUMPY", ".png": b"\x89PNG\r\n\x1a\n", ".json": None,
-         ".csv": None, ".txt": None, ".ckpt": None, ".onnx": None}
+# A verification .bin is a pickle (InsightFace writes protocols 2-4, which start with the PROTO opcode).
+MAGIC = {".npz": b"PK\x03\x04", ".npy": b"\x93NUMPY", ".png": b"\x89PNG\r\n\x1a\n", ".bin": b"\x80",
+         ".json": None, ".csv": None, ".txt": None, ".ckpt": None, ".onnx": None}
 
 
 def _looks_like(path: str, suffix: str) -> bool:
@@ -432,30 +413,8 @@ def save_npz(path: PathLike, **arrays) -> str:
     return os.fspath(path)
 
 
-@contextlib.contextmanager
-def staged_dir(path: PathLike):
-    """``with staged_dir(p) as local:`` -- build a folder output locally; on success it is uploaded file by
-    file into ``p`` (a remote ``p``) or is ``p`` itself (a local one, written in place). For writers that
-    only take local folders (SavedModel and ONNX exporters, image writers)."""
-    path = os.fspath(path)
-    if not is_remote(path):
-        os.makedirs(path, exist_ok=True)
-        yield path
-        return
-    tmp = tempfile.mkdtemp(prefix="adaface-stage-")
-    try:
-        yield tmp
-        for folder, _, files in os.walk(tmp):
-            rel = os.path.relpath(folder, tmp)
-            for name in sorted(files):
-                dst = join(path, *([] if rel == "." else rel.split(os.sep)), name)
-                _upload(os.path.join(folder, name), dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Added for the evaluation, deployment and photo commands
+# Files for readers, folders for writers
 # ----------------------------------------------------------------------------------------------------
 def file_info(path: PathLike) -> tuple:
     """``(size in bytes, modification time in ns)`` of a file (an object store gives whole seconds)."""
@@ -505,14 +464,6 @@ def publish_dir(local_dir: str, path: PathLike, last=()) -> str:
         makedirs(dirname(dst))
         copy(os.path.join(local_dir, *rel.split("/")), dst)
     return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Added for the data commands (prepare, synthesize, check)
-# ----------------------------------------------------------------------------------------------------
-# A verification .bin is a pickle (InsightFace writes protocol 2-4, all starting with the PROTO opcode):
-# check_output_file(..., suffixes=(".bin",)) then replaces only an earlier .bin, never another file.
-MAGIC.setdefault(".bin", b"\x80")
 
 
 def scandir(folder: PathLike) -> tuple:

@@ -22,7 +22,7 @@ Two kinds of call are not about a user's path and pass:
   ``mkstemp()``, ``TemporaryDirectory()`` or ``NamedTemporaryFile()`` in the same function (a name bound to
   one, ``os.path.join`` of one, the folders ``os.walk`` of one yields, a ``self.x`` a method of the class binds
   to one): staging folders that are published into the user's path through the layer
-  (``io.publish_dir``, ``io.staged_dir``).
+  (``io.publish_dir``).
 * **ALLOWED**: the short list below of (file, call) -> reason, for paths that are the package's own and local by
   nature. An entry that no longer matches anything fails ``test_every_allowed_entry_is_still_needed``.
 """
