@@ -140,3 +140,25 @@ def test_op_time_by_kind_on_a_hand_made_trace(tmp_path):
                                             "wrapped_is-finite": 0.00005})
     assert dict(calls) == {"transpose_copy_fusion": 3, "copy": 1, "wrapped_is-finite": 1}
     assert threads == {(1, 2), (1, 3)}
+
+
+def test_bench_bucket_smallest_run_prints_both_ratios(tmp_path):
+    """benchmarks/bench_bucket.py at its smallest settings (its own Cloud Storage server on loopback, the tiny
+    backbone at 16x16): it runs to the end and prints the train-step and the input ratio lines; its temporary
+    folders (the local workdirs and dataset, the server's) are gone afterwards."""
+    import re
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TMPDIR=str(tmp))
+    args = ("--arch tiny --image-size 16 --batch 8 --num-classes 8 --steps 5 --warmup 1 --save-every 4 --log-every 2 "
+            "--train-rounds 1 --save-repeats 1 --images 40 --input-batch 8 --input-batches 1 --rounds 1").split()
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_bucket.py"), *args], capture_output=True,
+                       text=True, cwd=str(tmp_path), env=env, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.search(r"^ratio, train step with the workdir in the bucket / local .*: [\d.]+x per step", r.stdout,
+                     re.M), r.stdout
+    assert re.search(r"^ratio, input images/s from the bucket / local: [\d.]+x$", r.stdout, re.M), r.stdout
+    assert "data_pipeline/input.py settings: " in r.stdout
+    assert list(tmp.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]
