@@ -103,6 +103,12 @@ def run(args) -> int:
         _simulate(args.simulate_devices)  # before JAX initialises
     if not args.dry_run and not args.workdir:
         raise InputError("--workdir is required (unless --dry-run)")
+    if not args.dry_run:  # paths first: an unknown scheme or a one-slash URL is refused before anything starts
+        from adaface_jax import io  # noqa: PLC0415
+        from adaface_jax.run_dir import RunDir  # noqa: PLC0415
+        RunDir.of(args.workdir)
+        if args.init_from and not io.exists(io.check_path(args.init_from, "--init-from")):
+            raise InputError(f"--init-from {args.init_from}: no such file or directory")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge"):  # orbax logs every manager option at INFO
@@ -119,11 +125,6 @@ def run(args) -> int:
         return 0
     if cache:
         logging.info("compilation cache: %s (--no-compile-cache or %s=off to disable)", cache, CACHE_ENV)
-    from adaface_jax import io  # noqa: PLC0415
-    from adaface_jax.run_dir import RunDir  # noqa: PLC0415
-    RunDir.of(args.workdir)  # an unknown scheme or a one-slash URL is refused before JAX starts
-    if args.init_from and not io.exists(io.check_path(args.init_from, "--init-from")):
-        raise InputError(f"--init-from {args.init_from}: no such file or directory")
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                     cpu_collectives=args.cpu_collectives)
     try:

@@ -389,13 +389,19 @@ def validate(model_eval, state: TrainState, val_sets: dict[str, tuple], mesh, ba
 class MetricsLog:
     """JSONL file + TensorBoard (clu) on process 0."""
 
+    # An object store cannot append, so in a bucket the log is kept in memory and the object rewritten whole:
+    # at most this often, and at every checkpoint and at the end (``flush``). The rewrite grows with the run
+    # (a few MB for a full recipe), so it is not done at every log step. A kill -9 loses at most this much of
+    # metrics.jsonl; TensorBoard's events have every step.
+    REMOTE_FLUSH_S = 60.0
+
     def __init__(self, run_dir: RunDir):
         self.enabled = jax.process_index() == 0
         self.path = run_dir.metrics
         self.writer = None
-        # An object store cannot append: the log is kept in memory and the object rewritten whole at each log
-        # step (one upload of a few KB); a local file is appended to.
-        self.remote_lines = None
+        self.remote_lines = None  # a local file is appended to
+        self.pending = False
+        self.last_flush = time.monotonic()
         if self.enabled and io.is_remote(self.path):
             self.remote_lines = io.read_text(self.path).splitlines(True) if io.isfile(self.path) else []
         if self.enabled:
@@ -416,11 +422,21 @@ class MetricsLog:
                 f.write(line)
         else:
             self.remote_lines.append(line)
-            io.write_text(self.path, "".join(self.remote_lines))
+            self.pending = True
+            if time.monotonic() - self.last_flush >= self.REMOTE_FLUSH_S:
+                self.flush()
         if self.writer is not None:
             self.writer.write_scalars(step, scalars)
 
+    def flush(self) -> None:
+        """Upload the bucket's log now (nothing to do for a local file, which is appended to)."""
+        if self.remote_lines is not None and self.pending:
+            io.write_text(self.path, "".join(self.remote_lines))
+            self.pending = False
+            self.last_flush = time.monotonic()
+
     def close(self):
+        self.flush()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
@@ -571,6 +587,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                                {"mean_acc": val["val/mean_acc"]})
             if step % config.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
                 ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records})
+                metrics_log.flush()
             if stop.signum is not None:
                 ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records}, force=True)
                 summary["stop_reason"] = f"signal {stop.signum}"
