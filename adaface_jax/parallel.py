@@ -10,8 +10,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import jax
@@ -22,8 +24,6 @@ DATA = "data"
 
 
 # --- the distributed environment: what is detected, what must be passed --------------------------------------------
-import dataclasses  # noqa: E402  (kept beside the one function that needs it)
-from collections.abc import Mapping  # noqa: E402
 
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 

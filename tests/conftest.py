@@ -10,6 +10,10 @@ def _with_device_count(flags: str, count: int = 8) -> str:
     return " ".join(kept + [f"--xla_force_host_platform_device_count={count}"])
 
 
+# The environment as the session found it: the loopback Cloud Storage server (``gcs_server``) points the proxy
+# variables at itself for the rest of the session, and a test that must reach the real package index (the
+# install-extras check) takes them from here.
+ENV_AT_START = dict(os.environ)
 os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -26,7 +26,7 @@ CASES = [
     ("bench_input_pipeline.py --num-streams x", 2, "--num-streams: expected an integer >= 1, got 'x'"),
     ("bench_verification.py --bin {tmp}/missing.bin", 1, "missing.bin: No such file or directory"),
     ("bench_verification.py --bin {tmp}/empty.bin", 1, "empty.bin: not a .bin verification set"),
-    ("bench_input_pipeline.py --data-dir {tmp}/nowhere", 1, "nowhere is not a dataset written by"),
+    ("bench_input_pipeline.py --data-dir {tmp}/nowhere", 1, "dataset folder {tmp}/nowhere does not exist"),
     ("bench_ijbc_scale.py --workdir {tmp}/empty.bin", 1, "exists and is not a folder"),
     ("bench_ijbc_scale.py --workdir {tmp}/mine", 1, "holds files this benchmark did not write"),
 ]

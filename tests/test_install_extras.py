@@ -101,6 +101,19 @@ def test_extras_are_declared_and_pinned():
 # resolution against the package index
 
 
+# What the loopback Cloud Storage server of other tests (tests/gcs_server.py) sets for the session: pip and the
+# index probe use the values the session started with.
+NETWORK_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+                "no_proxy", "CURL_CA_BUNDLE")
+
+
+def _outside_env(**extra) -> dict:
+    from conftest import ENV_AT_START  # noqa: PLC0415
+    env = {k: v for k, v in os.environ.items() if k not in NETWORK_VARS}
+    env.update({k: ENV_AT_START[k] for k in NETWORK_VARS if k in ENV_AT_START})
+    return {**env, **extra}
+
+
 def _index_url() -> str:
     """The index pip uses: PIP_INDEX_URL, an index-url in pip's configuration, else PyPI."""
     if os.environ.get("PIP_INDEX_URL"):
@@ -126,8 +139,15 @@ def pip_index(tmp_path_factory):
     index = _index_url().rstrip("/")
     if index.startswith(("http://", "https://")):
         context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+        env, proxies = _outside_env(), {}
+        for scheme in ("https", "http"):
+            value = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
+            if value:
+                proxies[scheme] = value
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies),
+                                             urllib.request.HTTPSHandler(context=context))
         try:
-            urllib.request.urlopen(f"{index}/pip/", timeout=30, context=context).close()
+            opener.open(f"{index}/pip/", timeout=30).close()
         except (urllib.error.URLError, OSError) as e:
             if _unreachable(e):
                 pytest.skip(f"the package index {index} cannot be reached: {e}")
@@ -139,7 +159,7 @@ def _resolve(requirements: list[str], cache_dir: Path) -> dict[str, dict]:
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-",
            "--use-feature=fast-deps", "--disable-pip-version-check", "--no-input", "--retries", "2",
            "--timeout", "60", *requirements]
-    env = dict(os.environ, PIP_CACHE_DIR=str(cache_dir))
+    env = _outside_env(PIP_CACHE_DIR=str(cache_dir))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=cache_dir)
     except subprocess.TimeoutExpired:
