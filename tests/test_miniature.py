@@ -16,6 +16,7 @@ from adaface_jax.miniature import data as study_data
 from data_pipeline import synthetic, yale_b
 from evaluation import ProtocolError
 from evaluation.quality import make_quality_pairs, norm_quality_spearman, verification_by_quality
+from cli_fixtures import fail
 from test_eval_verification import loop_reference_roc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -330,19 +331,6 @@ TINY_STUDY = {"study.datasets": "synthetic", "study.heads": "adaface", "study.se
               "model.arch": "tiny", "study.synthetic_train_identities": "4", "study.synthetic_test_identities": "4"}
 
 
-def _refused(capsys, argv, *needles):
-    """``adaface-jax ARGV`` in this process: exit status 1 and ONE stderr line holding every needle."""
-    from adaface_jax.cli import main  # noqa: PLC0415
-
-    capsys.readouterr()
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"adaface-jax {argv[0]}: error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 @pytest.mark.parametrize("args,needle", [
     (["--out", "s4://bucket/mini"], "--out s4://bucket/mini: unsupported URL scheme 's4:'"),
     (["--out", "gs:/bucket/mini"], "--out gs:/bucket/mini: not a valid URL"),
@@ -352,19 +340,19 @@ def _refused(capsys, argv, *needles):
 ])
 def test_paths_the_file_layer_does_not_serve_are_refused(tmp_path, monkeypatch, capsys, args, needle):
     monkeypatch.chdir(tmp_path)  # the default --out is runs/miniature, relative to here
-    _refused(capsys, ["miniature", *args], needle)
+    fail(capsys, ["miniature", *args], needle)
     assert os.listdir(tmp_path) == []  # no folder named after a URL scheme, no runs/
 
 
 def test_an_out_that_is_a_file_or_holds_another_file_of_a_report_name_is_refused(tmp_path, capsys):
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(b"\xff\xd8 a photo")
-    _refused(capsys, ["miniature", "--out", str(photo)], "exists and is not a directory")
+    fail(capsys, ["miniature", "--out", str(photo)], "exists and is not a directory")
     assert photo.read_bytes() == b"\xff\xd8 a photo"
     out = tmp_path / "notes"
     out.mkdir()
     (out / "study.json").write_text("my notes, not JSON")
-    _refused(capsys, ["miniature", "--out", str(out), *[f"--config.{k}={v}" for k, v in TINY_STUDY.items()]],
+    fail(capsys, ["miniature", "--out", str(out), *[f"--config.{k}={v}" for k, v in TINY_STUDY.items()]],
              "study.json: exists and is not an earlier .json output")
     assert (out / "study.json").read_text() == "my notes, not JSON" and os.listdir(out) == ["study.json"]
 

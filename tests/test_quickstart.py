@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from adaface_jax.cli import main
+from cli_fixtures import fail
 
 # 40 identities x 6 images, ir_18 at width 8, batch 32, 5 epochs = 35 steps; 100 held-out pairs of 20
 # unseen identities.  Measured (data seeds 0 / 1 / 2): 10-fold accuracy 0.49 -> 0.77 / 0.67 -> 0.85 /
@@ -54,17 +55,6 @@ def test_quickstart_learns_and_reports_what_its_checkpoint_gives(tmp_path, capsy
 # command into a bucket with the tiny backbone (in this process ~15-25 s of CPU: 18 s of wall time on an idle
 # 2-core machine, about a minute on a busy one; a child process would add ~10 s of imports).
 
-def _refused(capsys, argv, *needles):
-    """``adaface-jax ARGV`` in this process: exit status 1 and ONE stderr line holding every needle."""
-    capsys.readouterr()
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"adaface-jax {argv[0]}: error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 @pytest.mark.parametrize("workdir,needle", [
     ("s4://bucket/qs", "--workdir s4://bucket/qs: unsupported URL scheme 's4:'"),
     ("gs:/bucket/qs", "--workdir gs:/bucket/qs: not a valid URL"),
@@ -72,7 +62,7 @@ def _refused(capsys, argv, *needles):
 ])
 def test_workdirs_the_file_layer_does_not_serve_are_refused(tmp_path, monkeypatch, capsys, workdir, needle):
     monkeypatch.chdir(tmp_path)
-    _refused(capsys, ["quickstart", "--workdir", workdir], needle)
+    fail(capsys, ["quickstart", "--workdir", workdir], needle)
     assert os.listdir(tmp_path) == []  # no folder named after a URL scheme
 
 
@@ -80,10 +70,10 @@ def test_other_files_of_an_output_name_and_too_few_pairs_are_refused(tmp_path, c
     work = tmp_path / "qs"
     work.mkdir()
     (work / "roc.png").write_text("my drawing, not a PNG")
-    _refused(capsys, ["quickstart", "--workdir", str(work), *SMALL],
+    fail(capsys, ["quickstart", "--workdir", str(work), *SMALL],
              "roc.png: exists and is not an earlier .png output")
     assert (work / "roc.png").read_text() == "my drawing, not a PNG" and os.listdir(work) == ["roc.png"]
-    _refused(capsys, ["quickstart", "--workdir", str(tmp_path / "new"), "--val-pairs", "19"], "--val-pairs 19")
+    fail(capsys, ["quickstart", "--workdir", str(tmp_path / "new"), "--val-pairs", "19"], "--val-pairs 19")
     assert not (tmp_path / "new").exists()
 
 
