@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from adaface_jax import io
 from adaface_jax.compile_options import DEFAULT_CPU_CONVOLUTIONS, compiler_options
 from adaface_jax.io import save_npz
-
-FUSION_METHODS = ("pre_norm_vector_add", "norm_weighted_avg", "average", "concat")
+from data_pipeline.pixels import normalize_pixels
+from evaluation import FUSION_METHODS
 
 
 def _xp(x):
@@ -74,14 +74,6 @@ def fuse(embs, norms=None, method: str = "pre_norm_vector_add"):
     raise ValueError(f"unknown fusion method {method!r}; expected one of {FUSION_METHODS}")
 
 
-def normalize_bgr(images):
-    """uint8 BGR -> float32 ``(x/255 - 0.5)/0.5``; float input is returned as float32 unchanged."""
-    xp = _xp(images)
-    if images.dtype == xp.uint8:
-        return (images.astype(xp.float32) / 255.0 - 0.5) / 0.5
-    return images.astype(xp.float32)
-
-
 def make_mesh():
     """1-D ``('data',)`` mesh over all local devices."""
     return jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
@@ -110,8 +102,8 @@ def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
 
 
 @functools.lru_cache(maxsize=16)
-def make_embed_fn(module, flip_test: bool = True, fusion: str = "pre_norm_vector_add",
-                  cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS):
+def _batch_embed_fn(module, flip_test: bool = True, fusion: str = "pre_norm_vector_add",
+                    cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS):
     """jit-compiled ``(variables, images) -> (features, norms)`` for one (sharded) batch.
 
     Cached per (module config, flip, fusion, CPU convolution kernels) so repeated validation runs compile
@@ -121,7 +113,7 @@ def make_embed_fn(module, flip_test: bool = True, fusion: str = "pre_norm_vector
         fuse(np.zeros((1, 1, 1)), np.ones((1, 1, 1)), fusion)  # raises the right error
 
     def embed(variables, images):
-        x = normalize_bgr(images)
+        x = normalize_pixels(images)
         if not flip_test:
             emb, norm = module.apply(variables, x, train=False)
             return emb.astype(jnp.float32), norm.astype(jnp.float32)
@@ -196,7 +188,7 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
     n_dev = mesh.shape["data"]
     batch_size = max(n_dev, -(-int(batch_size) // n_dev) * n_dev)
     sharding = NamedSharding(mesh, P("data"))
-    embed = make_embed_fn(module, flip_test, fusion, cpu_convolutions)
+    embed = _batch_embed_fn(module, flip_test, fusion, cpu_convolutions)
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
 
     total = num_images if num_images is not None else (images.shape[0] if hasattr(images, "shape") else None)
@@ -235,3 +227,37 @@ def extract_features(module, variables, images, batch_size: int = 128, flip_test
     if path is not None:
         save_npz(path, features=features, norms=norms_out, cache_key=np.array(key_text))
     return features, norms_out
+
+
+def make_embed_fn(module, variables, *, batch_size: int = 128, flip_test: bool = True,
+                  fusion: str = "pre_norm_vector_add", mesh=None, cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS):
+    """``embed_fn(images) -> (features (N, D), norms (N, 1))`` of ``module`` with ``variables``, through
+    :func:`extract_features`: what the evaluators are given (``evaluation.evaluators``).
+
+    With several processes each process embeds its contiguous block of the images (padded to equal blocks
+    with copies of the last image) on its own devices and the features are gathered
+    (``multihost_utils.process_allgather``): every process gets all of them, for 1/P of the work. ``mesh``
+    (default: the local devices) is used with one process; the variables must then be replicated."""
+    nproc, pid = jax.process_count(), jax.process_index()
+    if nproc > 1:
+        # Replicated variables: each process embeds its share on its own devices from its local copy.
+        variables = jax.tree_util.tree_map(
+            lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), variables)
+        mesh = make_mesh()
+    options = dict(batch_size=batch_size, flip_test=flip_test, fusion=fusion, mesh=mesh, progress=False,
+                   cpu_convolutions=cpu_convolutions)
+
+    def embed_fn(images):
+        if nproc == 1:
+            return extract_features(module, variables, images, **options)
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        n = len(images)
+        per = -(-n // nproc)
+        rows = np.minimum(np.arange(pid * per, (pid + 1) * per), n - 1)  # the last block padded with image n-1
+        feats, norms = extract_features(module, variables, np.asarray(images)[rows], **options)
+        gathered = multihost_utils.process_allgather({"f": feats, "n": norms})
+        return (np.asarray(gathered["f"]).reshape(nproc * per, -1)[:n],
+                np.asarray(gathered["n"]).reshape(nproc * per, -1)[:n])
+
+    return embed_fn

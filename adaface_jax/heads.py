@@ -35,6 +35,13 @@ class AdaFaceState:
     def create(cls, mean: float = 20.0, std: float = 100.0) -> "AdaFaceState":
         return cls(jnp.full((1,), mean, jnp.float32), jnp.full((1,), std, jnp.float32))
 
+    @classmethod
+    def unseeded(cls) -> "AdaFaceState":
+        """Statistics to be seeded from the first batch: NaN marks them unset, and ``adaface_logits`` then
+        takes the first batch's mean and std as they are instead of blending them into 20 and 100 (which
+        ``t_alpha = 0.01`` forgets only after some 500 steps)."""
+        return cls.create(float("nan"), float("nan"))
+
 
 @flax.struct.dataclass
 class EmptyState:
@@ -86,7 +93,8 @@ def margin_scaler(norms, batch_mean, batch_std, h: float = 0.333, eps: float = 1
 
 def adaface_logits(embeddings, norms, labels, kernel, state: AdaFaceState, *, m: float = 0.4, h: float = 0.333,
                    s: float = 64.0, t_alpha: float = 0.01, eps: float = 1e-3, num_groups: int = 1,
-                   axis_name: Optional[str] = None, skip_std_update_below_two: bool = True):
+                   axis_name: Optional[str] = None, skip_std_update_below_two: bool = True,
+                   quality: Optional[jax.Array] = None):
     """AdaFace logits and the updated norm statistics.
 
     Defaults are the released recipe (m=0.4, h=0.333, s=64, t_alpha=0.01); eps=1e-3 is used in the
@@ -103,6 +111,12 @@ def adaface_logits(embeddings, norms, labels, kernel, state: AdaFaceState, *, m:
       skip_std_update_below_two: a batch (group) of one sample has no unbiased std; the original
         writes NaN into ``batch_std`` and every later logit is NaN.  By default the std EMA is left
         unchanged for such a batch (the mean is still updated).  ``False`` reproduces the NaN.
+      state from ``AdaFaceState.unseeded()`` (NaN): the first batch's statistics replace it whole; later
+        batches blend in with ``t_alpha`` as usual.
+      quality: an "oracle" positive control, not in the original: (B,) or (B, 1) true image qualities
+        (higher = better).  The margin scaler then takes them, standardised over the batch (group), in
+        place of the feature norms: ``clip(h (q - mean(q)) / (std(q) + eps), -1, 1)``.  The norm
+        statistics are still updated from the norms.
     """
     cos = cosine_logits(embeddings, kernel, eps)
     b = cos.shape[0]
@@ -113,10 +127,19 @@ def adaface_logits(embeddings, norms, labels, kernel, state: AdaFaceState, *, m:
         std = jnp.where(n < 2, state.batch_std, std)
     new_mean = t_alpha * mean + (1.0 - t_alpha) * state.batch_mean  # (G, 1)
     new_std = t_alpha * std + (1.0 - t_alpha) * state.batch_std
-    per_sample_mean = jnp.repeat(new_mean, b // num_groups, axis=0).reshape(b, 1)
-    per_sample_std = jnp.repeat(new_std, b // num_groups, axis=0).reshape(b, 1)
+    unseeded = jnp.isnan(state.batch_mean)
+    new_mean = jnp.where(unseeded, mean, new_mean)
+    new_std = jnp.where(unseeded, std, new_std)
 
-    scaler = margin_scaler(safe_norms.reshape(b, 1), per_sample_mean, per_sample_std, h, eps)
+    def per_sample(x):  # (G, 1) -> (B, 1): each group's value on its rows
+        return jnp.repeat(x, b // num_groups, axis=0).reshape(b, 1)
+
+    if quality is None:
+        scaler = margin_scaler(safe_norms.reshape(b, 1), per_sample(new_mean), per_sample(new_std), h, eps)
+    else:
+        q = jax.lax.stop_gradient(jnp.asarray(quality, jnp.float32).reshape(b))
+        q_mean, q_std, _ = _group_stats(q, num_groups, axis_name)
+        scaler = margin_scaler(q.reshape(b, 1), per_sample(q_mean), per_sample(q_std), h, eps)
 
     onehot = _target_mask(labels, cos.shape[1])
     theta = jnp.arccos(cos)
@@ -158,11 +181,14 @@ def head_params(head_config) -> dict:
     return {k: head_config[k] for k in HEAD_PARAMS[name] if k in head_config}
 
 
-def initial_state(head: str):
-    """The state a head starts from (AdaFace: mean 20, std 100, as the original buffers)."""
+def initial_state(head: str, stats_from_first_batch: bool = False):
+    """The state a head starts from (AdaFace: mean 20, std 100, as the original buffers; with
+    ``stats_from_first_batch``, ``AdaFaceState.unseeded()``)."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
-    return AdaFaceState.create() if head == "adaface" else EmptyState()
+    if head != "adaface":
+        return EmptyState()
+    return AdaFaceState.unseeded() if stats_from_first_batch else AdaFaceState.create()
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: Optional[int] = None) -> jax.Array:

@@ -4,8 +4,9 @@
     model = load_pretrained("adaface_ir50_ms1mv2.ckpt")      # or a converted directory
     emb, norm = model.embed(to_input(aligned_rgb_face))       # (1, 512) unit vectors, (1, 1) norms
 
-Inputs of ``embed`` are NHWC float32 **BGR** images normalised as ``(x/255 - 0.5)/0.5`` (what
-``to_input`` makes from an aligned RGB face, like the original ``inference.to_input`` but NHWC).
+Inputs of ``embed`` are NHWC **BGR** images, uint8 or float32 normalised as ``(x/255 - 0.5)/0.5``
+(``data_pipeline.pixels``): what ``to_input`` makes from an aligned RGB face, like the original
+``inference.to_input`` but NHWC.
 """
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaface_jax.checkpoint import load_weights
 from adaface_jax.features import extract_features
 from adaface_jax.models import build_model
+from adaface_jax.weights import calibration_file, load_weights
+from data_pipeline.pixels import normalize_pixels
 
 
 def to_input(img, size: int = 112) -> np.ndarray:
-    """Aligned RGB face (uint8 array (H, W, 3) or PIL image) -> float32 BGR model input (1, H, W, 3)."""
+    """Aligned RGB face (uint8 array (H, W, 3) or PIL image) -> float32 BGR model input (1, H, W, 3).
+    The original computes the normalisation in float64; the float32 values here differ from its by at most
+    2**-24 (``data_pipeline.pixels``)."""
     if hasattr(img, "convert") and hasattr(img, "size"):  # PIL.Image
         img = np.asarray(img.convert("RGB"))
     arr = np.asarray(img)
@@ -33,8 +37,7 @@ def to_input(img, size: int = 112) -> np.ndarray:
                          "(align it first, e.g. with adaface_jax.align)")
     if arr.dtype != np.uint8:
         raise ValueError(f"to_input expects uint8 pixels in [0, 255], got dtype {arr.dtype}")
-    bgr = arr[:, :, ::-1].astype(np.float64)
-    return (((bgr / 255.0) - 0.5) / 0.5).astype(np.float32)[None]
+    return normalize_pixels(arr[:, :, ::-1])[None]
 
 
 @dataclasses.dataclass
@@ -83,14 +86,12 @@ def stored_calibration(model_path: str, meta: dict) -> Optional[dict]:
     """The calibrated thresholds stored with a model (``meta['calibration']`` as ``load_weights`` returns
     it), checked: a stored file of the wrong structure is an error naming the file and the key
     (``evaluation.calibration.check_calibration``). None when the model is not calibrated."""
-    from adaface_jax.checkpoint import calibration_location  # noqa: PLC0415
     from evaluation.calibration import check_calibration  # noqa: PLC0415
 
     calibration = meta.get("calibration")
     if calibration is None:
         return None
-    kind, path = calibration_location(model_path)
-    return check_calibration(calibration, f"{path} (its 'calibration' field)" if kind == "meta" else path)
+    return check_calibration(calibration, str(calibration_file(model_path)))
 
 
 def load_pretrained(path: str, arch: Optional[str] = None, dtype=jnp.float32,

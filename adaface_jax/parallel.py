@@ -346,15 +346,6 @@ def host_to_global(batch: dict, mesh: Mesh) -> dict:
     return {k: put(v) for k, v in batch.items()}
 
 
-def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
-    n = mesh.devices.size
-    if global_batch_size % n:
-        raise ValueError(f"config.global_batch_size={global_batch_size} is not divisible by the device count {n}")
-    if global_batch_size % jax.process_count():
-        raise ValueError(f"config.global_batch_size={global_batch_size} is not divisible by the process count "
-                         f"{jax.process_count()}")
-
-
 def jit_sharded(fn, mesh: Mesh, state_shardings_: Any, *, donate: bool = True,
                 compiler_options: Optional[dict] = None):
     """jit ``fn(state, batch) -> (state, metrics)`` on the mesh: state in/out with its shardings,

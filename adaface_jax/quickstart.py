@@ -25,7 +25,7 @@ from scipy.stats import spearmanr
 from adaface_jax import io
 from adaface_jax.features import extract_features
 from adaface_jax.run_dir import RunDir
-from adaface_jax.train.config_io import apply_overrides, load_config
+from adaface_jax.train.config import apply_overrides, check_config, load_config
 from adaface_jax.train.loop import train
 from adaface_jax.train.setup import build_backbone
 from adaface_jax.train.state import init_variables
@@ -78,7 +78,8 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
     config_path = config_path or DEFAULT_CONFIG
 
     overrides = {**(overrides or {}), "num_classes": str(identities), "data.data_dir": data_dir}
-    config = apply_overrides(load_config(config_path), overrides)
+    config = check_config(apply_overrides(load_config(config_path), overrides), num_devices=jax.device_count(),
+                          process_count=jax.process_count())  # refused before anything is rendered
     for name in OUTPUTS:  # an earlier quickstart's outputs are replaced, another file of that name refused
         if io.exists(io.join(workdir, name)):
             io.check_output_file(io.join(workdir, name), "--workdir", suffixes=(name[name.rindex("."):],))
@@ -100,7 +101,7 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
     before = score_pairs(feats0, norms0, issame, quality)
 
     # 3. training
-    print(f"[3/4] training {config.model.arch} (width {config.model.get('width', 64)}) with "
+    print(f"[3/4] training {config.model.arch} (width {config.model.width}) with "
           f"{config.head.name} on {jax.device_count()} device(s); logs and checkpoints in {run}")
     summary, state = train(config, run.root)
 

@@ -1,5 +1,5 @@
 """Training from a bucket: the cost of a gs:// workdir and of a gs:// dataset, against local ones measured in the
-same run, on an emulated Cloud Storage bucket (tests/gcs_server.py: a real Cloud Storage JSON API server on
+same run, on an emulated Cloud Storage bucket (tests/support/gcs_server.py: a real Cloud Storage JSON API server on
 loopback, in memory, behind a TLS-ending proxy for TensorFlow).
 
     python benchmarks/bench_bucket.py                      # ir_18 at width 8, 112x112, batch 16 (about 4 min)
@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-import harness  # the repository and tests/ (the Cloud Storage server) on sys.path
+import harness  # the repository (tests.support: the Cloud Storage server) on sys.path
 
 
 def model_name(text: str) -> str:
@@ -136,7 +136,7 @@ def time_saves(state, sides, repeats: int) -> dict:
     into fresh folders under each side's root, the sides in turn, after one round not counted (orbax's handlers
     start). ``sides``: {name: (root folder, async_save)}."""
     from adaface_jax import io  # noqa: PLC0415
-    from adaface_jax.checkpoint import Checkpointer  # noqa: PLC0415
+    from adaface_jax.train.checkpointer import Checkpointer  # noqa: PLC0415
     from adaface_jax.run_dir import RunDir  # noqa: PLC0415
 
     times = {name: ([], []) for name in sides}
@@ -296,7 +296,7 @@ def main():
 
     import absl.logging  # noqa: PLC0415
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's per-save notices; the tables say it
-    from gcs_server import GcsServer  # noqa: PLC0415  (tests/, on sys.path through harness)
+    from tests.support.gcs_server import GcsServer  # noqa: PLC0415  (the repository, on sys.path through harness)
 
     from adaface_jax import io  # noqa: PLC0415
     from data_pipeline.synthetic import write_synthetic_dataset  # noqa: PLC0415

@@ -31,7 +31,7 @@ def main(argv=None):
     from adaface_jax.convert.convert import state_dict_to_variables
     from adaface_jax.deploy.onnx_export import build_onnx_model
     from adaface_jax.models import build_model
-    from torch_reference import build_backbone, randomize_
+    from tests.support.torch_reference import build_backbone, randomize_
 
     tm = randomize_(build_backbone(args.arch)).eval()
     _, _, variables, _, _ = state_dict_to_variables({"model." + k: v for k, v in tm.state_dict().items()})

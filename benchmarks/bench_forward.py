@@ -6,7 +6,7 @@ The Flax forward is compiled once per ``--cpu-convolutions`` choice (``adaface_j
 the feature extractor compiles it: XLA's Eigen convolution kernels by default, or XLA's defaults). Every
 side is warmed up first; then ``--rounds`` rounds each time ``--iters`` calls of every side in turn.
 Prints the median images/s of each side and its ratio to the PyTorch reference's median. Needs torch
-(tests/torch_reference.py).
+(tests/support/torch_reference.py).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def main(argv=None):
     from adaface_jax.compile_options import compiler_options
     from adaface_jax.convert.convert import state_dict_to_variables
     from adaface_jax.models import build_model
-    from torch_reference import build_backbone, randomize_
+    from tests.support.torch_reference import build_backbone, randomize_
 
     tm = randomize_(build_backbone(args.arch)).eval()
     _, _, variables, _, _ = state_dict_to_variables({"model." + k: v for k, v in tm.state_dict().items()})

@@ -49,7 +49,7 @@ def main():
     parser.add_argument("--images", type=harness.positive_int, default=20000)
     parser.add_argument("--workers", type=harness.positive_int, default=2)
     args = parser.parse_args()
-    from data_pipeline import convert
+    from data_pipeline import prepare
     from data_pipeline.manifest import read_manifest
     tmp = tempfile.mkdtemp()
     try:
@@ -58,12 +58,12 @@ def main():
         print(f"{args.images} images of {size / 1024:.1f} KiB in {rec}")
         t_base = baseline(rec, os.path.join(tmp, "baseline.tfrecord"))
         start = time.perf_counter()
-        manifest = convert.convert_rec(rec, os.path.join(tmp, "ours"), num_workers=args.workers,
+        manifest = prepare.convert_rec(rec, os.path.join(tmp, "ours"), num_workers=args.workers,
                                        num_shards=max(2 * args.workers, 4), show_progress=False)
         t_ours = time.perf_counter() - start
         assert manifest["num_images"] == args.images
         start = time.perf_counter()
-        convert.convert_rec(rec, os.path.join(tmp, "ours0"), num_workers=0, num_shards=4, show_progress=False)
+        prepare.convert_rec(rec, os.path.join(tmp, "ours0"), num_workers=0, num_shards=4, show_progress=False)
         t_one = time.perf_counter() - start
         w_one = read_manifest(os.path.join(tmp, "ours0"))["seconds"]
         n = args.images

@@ -57,8 +57,8 @@ def plain_config(arch: str, num_classes: int) -> AttrDict:
     """The fields of ``configs.common.get_base_config`` that the trainer reads, without ml_collections."""
     return AttrDict(
         seed=42, num_classes=num_classes, global_batch_size=512, accum_steps=1, lr=0.1, lr_milestones=(12, 20, 24),
-        lr_gamma=0.1, warmup_epochs=0.0, momentum=0.9, weight_decay=5e-4, precision="bfloat16", half_precision=True,
-        per_device_stats=False,
+        lr_gamma=0.1, warmup_epochs=0.0, momentum=0.9, weight_decay=5e-4, precision="bfloat16",
+        per_device_stats=False, cpu_convolutions="eigen",
         model=AttrDict(arch=arch, embedding_size=512, width=64, dropout_rate=0.4),
         head=AttrDict(name="adaface", m=0.4, h=0.333, s=64.0, t_alpha=0.01, sample_rate=1.0),
         loss_scale=AttrDict(init=2.0 ** 16, growth_interval=2000, growth_factor=2.0, backoff_factor=0.5),

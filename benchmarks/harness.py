@@ -1,4 +1,5 @@
-"""What every harness here shares: the repository and tests/ (for the PyTorch reference) on sys.path,
+"""What every harness here shares: the repository on sys.path (for ``tests.support``: the PyTorch reference, the
+Cloud Storage server),
 argparse types that turn a bad option value into argparse's one-line usage error, ``run_main``, which
 reports bad input found later (a missing file, a bad config) as one line too, and the timers, which run
 once to warm up (compile) before they measure."""
@@ -12,9 +13,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, "tests")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 
 def _number(convert, in_range, expected: str):

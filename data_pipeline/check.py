@@ -23,7 +23,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from adaface_jax import io
-from data_pipeline.convert import tf_error_text, training_decode_error
+from data_pipeline.prepare import tf_error_text, training_decode_error
 from data_pipeline.input import hide_gpus_from_tf
 
 from .manifest import read_manifest

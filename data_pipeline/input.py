@@ -48,6 +48,7 @@ from adaface_jax import io
 
 from . import augment as augment_lib
 from .manifest import read_manifest, shard_paths
+from .pixels import normalize_pixels_tf
 from .tfrecord import IMAGE_KEY, LABEL_KEY, parse_features
 
 __all__ = ["TrainInputConfig", "make_train_dataset", "make_train_iterator", "steps_per_epoch", "read_manifest",
@@ -266,12 +267,6 @@ def decode_bgr(encoded, channel_order: str, image_size: int):
     return image
 
 
-def normalize(image_uint8):
-    """uint8 -> float32 (x/255 - 0.5)/0.5, computed as x/127.5 - 1: the same float32 bits (scaling by 2 is exact
-    and commutes with rounding) with one pass fewer over the batch."""
-    return tf.cast(image_uint8, tf.float32) / 127.5 - 1.0
-
-
 def _safe_decode_batch(records, spec, image_size: int):
     """(images uint8 (B, S, S, 3), labels int64 (B,), number of bad records) for a batch of serialized
     examples, where a record that does not parse or decode is replaced by the next good one (cyclically)."""
@@ -387,7 +382,7 @@ def make_train_dataset(cfg: TrainInputConfig, start_step: int = 0, safe_decode: 
                                              crop_prob=cfg.crop_prob, lowres_prob=cfg.lowres_prob,
                                              photometric_prob=cfg.photometric_prob, flip_prob=cfg.flip_prob)
             images = augment_lib.apply_params_batch(images, params)
-        out = {"image": normalize(images), "label": tf.cast(labels, tf.int32)}
+        out = {"image": normalize_pixels_tf(images), "label": tf.cast(labels, tf.int32)}
         if safe_decode:
             out["bad_records"] = tf.cast(bad, tf.int32)
         return out

@@ -4,8 +4,11 @@ Each identity is a seeded set of face parameters: head shape, skin, hair and eye
 sizes of eyes, brows, nose and mouth, and a fixed low-frequency skin texture with marks. Each image adds
 moderate nuisances (rotation, scale, shift, illumination gradient, expression, background) and
 controllable degradations (blur, low resolution, noise, occlusion) whose overall severity d in [0, 1] is
-recorded as quality = 1 - d. Images are uint8 BGR drawn with OpenCV and stored as JPEG/PNG through
-cv2.imencode, so a standard decoder returns RGB (channel order "RGB" in the manifest, like .rec data).
+recorded as quality = 1 - d. ``appearance='grey_shape'`` draws the colours per image and renders in grey,
+so an identity is told by its shape and texture alone (colour survives low resolution and would otherwise
+identify a face that nothing else does). ``low_quality`` degrades an image with explicit parameters.
+Images are uint8 BGR drawn with OpenCV and stored as JPEG/PNG through cv2.imencode, so a standard decoder
+returns RGB (channel order "RGB" in the manifest, like .rec data).
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ import numpy as np
 from adaface_jax import io
 from adaface_jax.errors import InputError
 from data_pipeline.bin_reader import write_bin
-from data_pipeline.convert import SourcePlan, write_dataset
+from data_pipeline.prepare import SourcePlan, write_dataset
 
 SIZE = 112
 HELD_OUT_OFFSET = 1_000_000  # identities >= this are never used for training data
+APPEARANCES = ("colour", "grey_shape")
 
 
 def _rng(*keys: int) -> np.random.Generator:
@@ -98,12 +102,27 @@ def _draw_face(p: dict, expression: float, eye_open: float, background) -> np.nd
     return img
 
 
-def render(seed: int, identity: int, image_index: int, severity: float | None = None) -> tuple[np.ndarray, float]:
+def image_tones(seed: int, identity: int, image_index: int) -> dict:
+    """Skin, hair, iris and lip colours drawn per image (``appearance='grey_shape'``), from the same ranges as
+    ``identity_params`` but from their own stream, so the image's other draws are unchanged."""
+    r = _rng(seed, identity, image_index, 13)
+    return {"skin": np.array([60, 90, 130]) + r.uniform() * np.array([110, 100, 110]) + r.uniform(-20, 20, 3),
+            "hair": r.uniform(0, 200, 3), "iris": r.uniform(0, 160, 3),
+            "lip": r.uniform([40, 40, 100], [140, 120, 220])}
+
+
+def render(seed: int, identity: int, image_index: int, severity: float | None = None,
+           appearance: str = "colour") -> tuple[np.ndarray, float]:
     """One uint8 BGR 112x112 image of `identity` and its quality (1 - degradation severity).
 
     severity: None draws it (most images mildly degraded: d = U(0,1)^2); a number in [0, 1] fixes it.
+    appearance: 'colour' (the identity's colours) or 'grey_shape' (colours drawn per image, grey output).
     """
+    if appearance not in APPEARANCES:
+        raise ValueError(f"appearance={appearance!r}: expected one of {APPEARANCES}")
     p = identity_params(seed, identity)
+    if appearance == "grey_shape":
+        p = {**p, **image_tones(seed, identity, image_index)}
     r = _rng(seed, identity, image_index, 11)
     background = r.uniform(20, 235, 3)
     img = _draw_face(p, expression=r.uniform(0, 1), eye_open=r.uniform(0.55, 1.0), background=background)
@@ -120,7 +139,10 @@ def render(seed: int, identity: int, image_index: int, severity: float | None = 
     d = float(r.uniform() ** 2 if severity is None else np.clip(severity, 0.0, 1.0))
     if d > 0:
         img = _degrade(img, d, r)
-    return np.clip(img, 0, 255).astype(np.uint8), 1.0 - d
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    if appearance == "grey_shape":
+        img = np.repeat(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[..., None], 3, axis=2)
+    return img, 1.0 - d
 
 
 def _degrade(img: np.ndarray, d: float, r: np.random.Generator) -> np.ndarray:
@@ -139,6 +161,27 @@ def _degrade(img: np.ndarray, d: float, r: np.random.Generator) -> np.ndarray:
         x, y = int(r.uniform(10, SIZE - 10 - w)), int(r.uniform(20, SIZE - 10 - h))
         img[y:y + h, x:x + w] = r.uniform(0, 255, 3)
     return img
+
+
+def low_quality(image: np.ndarray, side: int, noise_std: float, occluder=None,
+                rng: np.random.Generator | None = None) -> np.ndarray:
+    """A uint8 (H, W, C) image as if captured at ``side`` x ``side`` pixels with sensor noise and enlarged: area
+    down to ``side``, Gaussian noise of ``noise_std`` grey levels at that size (one value for all channels of a
+    pixel, so a grey image stays grey; drawn from ``rng``), bilinear back up; then an ``occluder`` (x0, y0, x1,
+    y1, grey) in fractions of the size painted over it."""
+    h, w = image.shape[:2]
+    small = image.astype(np.float32)
+    if side < min(h, w):
+        small = cv2.resize(small, (side, side), interpolation=cv2.INTER_AREA).reshape(side, side, -1)
+    if noise_std > 0:
+        small = small + rng.normal(0.0, noise_std, small.shape[:2] + (1,)).astype(np.float32)
+    out = small
+    if small.shape[:2] != (h, w):
+        out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).reshape(image.shape)
+    if occluder is not None:
+        x0, y0, x1, y1, grey = occluder
+        out[int(round(y0 * h)):int(round(y1 * h)), int(round(x0 * w)):int(round(x1 * w))] = grey
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def encode(image_bgr: np.ndarray, fmt: str = "jpg", quality: int = 92) -> bytes:
@@ -165,7 +208,7 @@ def check_synthetic_args(num_identities, images_per_identity, severity=None) -> 
 
 
 def records(task: dict, stats: dict):
-    """The converter's producer for synthetic shards (``convert.SourcePlan.producer``): renders each
+    """The converter's producer for synthetic shards (``prepare.SourcePlan.producer``): renders each
     planned (identity, image index, source index) and records its quality."""
     params = task["params"]
     for identity, image_index, index in task["items"]:
@@ -251,15 +294,17 @@ def write_verification_bin(path: str, num_identities: int = 100, num_pairs: int 
 
 
 def render_arrays(identities, images_per_identity: int, seed: int = 0, *, size: int = SIZE,
-                  severity: str = "drawn", first_image: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  severity: str = "drawn", first_image: int = 0,
+                  appearance: str = "colour") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """In-memory images of ``identities`` (ids as ``render`` takes them) -> (uint8 BGR (N, size, size, 3),
     int32 labels = position in ``identities``, float32 quality), identity-major.
 
-    severity: 'drawn' (each image draws its own, mostly mild, as the training data) or 'spread' (image k of
-    K gets severity k / (K - 1): every identity covers the whole quality range, for quality-binned tests).
-    Images are ``first_image, first_image + 1, ...`` of each identity; ``size`` != 112 resizes (area)."""
-    if severity not in ("drawn", "spread"):
-        raise ValueError(f"severity={severity!r}: expected 'drawn' or 'spread'")
+    severity: 'drawn' (each image draws its own, mostly mild, as the training data), 'spread' (image k of
+    K gets severity k / (K - 1): every identity covers the whole quality range, for quality-binned tests) or
+    'none' (undegraded). Images are ``first_image, first_image + 1, ...`` of each identity; ``size`` != 112
+    resizes (area); ``appearance`` as ``render``."""
+    if severity not in ("drawn", "spread", "none"):
+        raise ValueError(f"severity={severity!r}: expected 'drawn', 'spread' or 'none'")
     identities = list(identities)
     k = images_per_identity
     images = np.empty((len(identities) * k, size, size, 3), np.uint8)
@@ -267,8 +312,8 @@ def render_arrays(identities, images_per_identity: int, seed: int = 0, *, size: 
     quality = np.empty(len(identities) * k, np.float32)
     for i, identity in enumerate(identities):
         for j in range(k):
-            d = None if severity == "drawn" else (j / (k - 1) if k > 1 else 0.0)
-            img, q = render(seed, identity, first_image + j, d)
+            d = None if severity == "drawn" else (j / (k - 1) if k > 1 and severity == "spread" else 0.0)
+            img, q = render(seed, identity, first_image + j, d, appearance)
             images[i * k + j] = img if size == SIZE else cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
             quality[i * k + j] = q
     return images, labels, quality

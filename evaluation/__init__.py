@@ -7,8 +7,14 @@ Modules (none imports TensorFlow, JAX or a model; features come in as arrays):
   tinyface     -- TinyFace rank-k identification
   ranking      -- shared closed/open-set identification metrics
   plots        -- ROC / CMC PNGs (matplotlib, Agg)
-The ``adaface-jax evaluate`` command (adaface_jax/cli/evaluate.py) extracts features and calls these.
+The model side (``adaface_jax.evaluate``, behind the ``adaface-jax evaluate`` command) extracts features and
+calls these.
 """
+
+# How the views of an image (the image and its horizontal flip) fuse into one feature: the fusion helpers of the
+# original's validation_mixed/validate_IJB_BC.py, validation_lq/validate_tinyface.py and utils.py, without
+# ``faceness_score`` (which the original does not implement either). ``adaface_jax.features.fuse`` computes them.
+FUSION_METHODS = ("pre_norm_vector_add", "norm_weighted_avg", "average", "concat")
 
 
 class ProtocolError(ValueError):

@@ -9,13 +9,20 @@ below that every threshold reaches FAR 0 on this set and says nothing about f.
 The true and false accept rates that a threshold really gives on unseen pairs are estimated by
 k-fold cross-validation (contiguous folds, as the verification protocol): the threshold comes from
 the other folds, the rates from the held-out fold.
+
+The thresholds are stored next to the model's weights (``CalibrationFile``, ``store_calibration``).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from typing import Optional
 
 import numpy as np
 
+from adaface_jax import io
+from adaface_jax.errors import InputError
 from evaluation import ProtocolError
 
 FAR_TARGETS = (1e-2, 1e-3, 1e-4, 1e-5)
@@ -168,3 +175,55 @@ def format_calibration(cal: dict) -> str:
     for key, why in cal["unsupported"].items():
         lines.append(f"{key:>8s}  not calibrated: {why}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored thresholds (``adaface-jax calibrate``) live next to the model's weights, in a JSON file:
+#   a converted directory: the ``calibration`` field of its metadata JSON object;
+#   a training workdir (or one of its step folders): <workdir>/calibration.json;
+#   a PyTorch .ckpt (never rewritten): the sidecar <file>.calibration.json.
+# Which file a model has is ``adaface_jax.weights.calibration_file`` (it knows the weight formats);
+# ``load_weights`` returns what is stored as ``meta['calibration']``.
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationFile:
+    """The JSON file holding a model's thresholds: all of it, or (``in_metadata``) the ``calibration``
+    field of the JSON object at ``path`` (a converted model's metadata)."""
+
+    path: str
+    in_metadata: bool = False
+
+    def __str__(self) -> str:
+        """How an error names it."""
+        return f"{self.path} (its 'calibration' field)" if self.in_metadata else self.path
+
+
+def _read_metadata_object(path: str) -> dict:
+    try:
+        data = json.loads(io.read_text(path))
+    except ValueError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object (the converted model's metadata)")
+    return data
+
+
+def read_calibration(where: CalibrationFile) -> Optional[dict]:
+    """What is stored (None when nothing is). Its structure is checked where it is used
+    (``check_calibration``), so a damaged file does not stop commands that never read it."""
+    if not io.isfile(where.path):
+        return None
+    if where.in_metadata:
+        return _read_metadata_object(where.path).get("calibration")
+    try:
+        return json.loads(io.read_text(where.path))
+    except ValueError as e:
+        raise InputError(f"{where.path}: not valid JSON ({e})") from e
+
+
+def store_calibration(where: CalibrationFile, calibration: dict) -> str:
+    """Write ``calibration`` where ``read_calibration`` finds it (atomically); returns the file written."""
+    payload = ({**_read_metadata_object(where.path), "calibration": calibration} if where.in_metadata
+               else calibration)
+    io.write_json(where.path, payload, indent=2, sort_keys=True)
+    return where.path

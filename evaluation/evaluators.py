@@ -11,16 +11,32 @@ iterable) when they do not fit in memory.
 Rows that are not finite (NaN rows: photos ``adaface-jax embed`` could not process) are refused with
 their count and first row numbers, or, with ``drop_nan=True``, left out together with the pairs,
 templates or probes that use them; the metrics then report how many were left out.
+
+The training loop finds its evaluators by name (big_vision's pattern): ``config.evals.<name>.type`` is a key
+of ``EVALUATORS`` and the class there
+
+* lists its spec's fields with their defaults (``CONFIG_DEFAULTS``; every spec has ``every_epochs``, the
+  period in epochs with 0 for never, and ``batch_size``, the images embedded at a time) and checks them
+  (``check_spec(spec, where)``);
+* names the metrics each of its runs logs (``metric_names(spec)``): ``config.checkpoint.best_metric`` is one;
+* builds itself from its spec (``from_config(spec, data_dir)``) and turns a result into the flat scalars of
+  the training log (``scalar_metrics(result)``).
+
+Adding a protocol to training is one class with those and one entry in ``EVALUATORS``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
+from adaface_jax import io
+from adaface_jax.errors import ConfigError, InputError
 from evaluation import ProtocolError, ijb, ijbs, tinyface, verification
 
 EmbedFn = Callable[[object], tuple]
+log = logging.getLogger("evaluation.evaluators")
 
 
 def bad_rows(features, norms=None) -> np.ndarray:
@@ -57,7 +73,15 @@ class VerificationEvaluator:
     """10-fold accuracy of the high-quality pair sets (LFW, CFP-FP, CPLFW, CALFW, AgeDB-30 or any .bin):
     ``sets`` maps a name to ``(images (2N, 112, 112, 3) uint8 BGR, issame (N,))``, pair i = rows 2i, 2i+1
     (images may be None when only ``score`` is used).
-    Metrics: ``{'sets': {name: summary incl. 'roc'}, 'mean_accuracy'}``."""
+    Metrics: ``{'sets': {name: summary incl. 'roc'}, 'mean_accuracy'}``.
+
+    As a training evaluator (type ``verification``), with the flip test as the original's validation:
+    ``sets`` names the ``.bin`` files (every one found when empty), looked for in ``bin_dir`` and then the
+    data directory; ``max_pairs`` > 0 keeps the first N pairs of each (smoke runs). It logs
+    ``val/<set>_acc`` and ``val/mean_acc``."""
+
+    CONFIG_DEFAULTS = {"every_epochs": 1, "batch_size": 256, "sets": verification.HQ_SETS, "bin_dir": "",
+                       "max_pairs": 0}
 
     def __init__(self, sets: Mapping[str, tuple], *, nrof_folds: int = 10, drop_nan: bool = False):
         self.sets = dict(sets)
@@ -68,6 +92,37 @@ class VerificationEvaluator:
             if n_img is not None and n_img != 2 * len(issame):
                 raise ProtocolError(f"{name}: {n_img} images but {len(issame)} issame labels; expected 2 images "
                                     "per pair")
+
+    @classmethod
+    def check_spec(cls, spec, where: str) -> None:
+        if int(spec.max_pairs) < 0:
+            raise ConfigError(f"{where}.max_pairs={spec.max_pairs}: expected a count >= 0 (0: every pair)")
+
+    @classmethod
+    def metric_names(cls, spec) -> tuple[str, ...]:
+        """Named sets that are missing are only warned about, so only the mean is logged by every run."""
+        return ("val/mean_acc",)
+
+    @classmethod
+    def from_config(cls, spec, data_dir: str, *, where: str = "config.evals.verification") -> "VerificationEvaluator":
+        """Reads the spec's .bin sets now (a bad one fails before training starts)."""
+        from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
+
+        sets = {}
+        for name, path in find_bin_sets(spec, data_dir, where).items():
+            images, issame = load_bin(path)
+            if spec.max_pairs:
+                images, issame = images[: 2 * spec.max_pairs], issame[: spec.max_pairs]
+            sets[name] = (images, np.asarray(issame, bool))
+        log.info("%s: validation sets %s", where, sorted(sets))
+        return cls(sets)
+
+    def scalar_metrics(self, result: dict) -> dict[str, float]:
+        """``val/<set>_acc`` for each set and ``val/mean_acc``."""
+        out = {f"val/{name}_acc": float(res["accuracy"]) for name, res in result["sets"].items()}
+        if out:
+            out["val/mean_acc"] = float(result["mean_accuracy"])
+        return out
 
     def run(self, embed_fn: EmbedFn) -> dict:
         return self.score({name: embed_fn(_images(images)) for name, (images, _) in self.sets.items()})
@@ -102,6 +157,35 @@ class VerificationEvaluator:
             results[name] = res
         mean = float(np.mean([r["accuracy"] for r in results.values()])) if results else float("nan")
         return {"sets": results, "mean_accuracy": mean}
+
+
+def find_bin_sets(spec, data_dir: str, where: str) -> dict[str, str]:
+    """``{name: path}`` of the .bin files a verification spec asks for: ``spec.sets`` (all when empty) found in
+    ``spec.bin_dir`` and then ``data_dir``; ConfigError when there is none."""
+    names = list(spec.sets)
+    if spec.bin_dir:
+        try:
+            bin_dir = io.check_path(spec.bin_dir, f"{where}.bin_dir")
+        except InputError as e:
+            raise ConfigError(str(e)) from e
+        if not io.isdir(bin_dir):
+            raise ConfigError(f"{where}.bin_dir={spec.bin_dir!r}: directory not found")
+    roots = [r for r in (spec.bin_dir, data_dir) if r]
+    found = {}
+    for root in roots:
+        for p in io.glob(io.check_path(root), "*.bin"):
+            name = io.basename(p)[: -len(".bin")]
+            if (not names or name in names) and name not in found:
+                found[name] = p
+    missing = [n for n in names if n not in found]
+    folders = " or ".join(str(r) for r in roots) or f"(no folder: {where}.bin_dir is empty)"
+    if not found:
+        raise ConfigError(f"{where}: no {'/'.join(names) if names else '*'}.bin found in {folders}; set "
+                          f"{where}.bin_dir, or every_epochs=0 to train without validation")
+    if missing:
+        log.warning("validation sets not found in %s: %s (validating on %s)", folders,
+                    ", ".join(f"{n}.bin" for n in missing), ", ".join(sorted(found)))
+    return found
 
 
 IDENTIFICATION = ("auto", "require", "skip")
@@ -220,3 +304,7 @@ class IJBSEvaluator:
             paths, raw = [p for p, k in zip(paths, keep) if k], raw[keep]
             dropped = {"dropped_nan_rows": int(bad.size)}
         return {**ijbs.evaluate(self.protocol, paths, raw, tie=self.tie), **dropped}
+
+
+# Training evaluators by type (``config.evals.<name>.type``); see the module docstring for what a class provides.
+EVALUATORS = {"verification": VerificationEvaluator}

@@ -1,111 +1,88 @@
-"""Verification by image quality: does a model hold up on low-quality pairs? (AdaFace, Kim et al. CVPR 2022)
+"""Held-out identities scored by image quality: does a model hold up on low-quality probes? (AdaFace, Kim et
+al. CVPR 2022; the scoring of ``adaface-jax miniature``.)
 
-Given per-image features of held-out identities, their identity labels and an image-quality label
-(synthetic degradation severity, light direction, ...), every unordered pair of images is a trial and
-its quality is the LOWER of its two images' qualities (a pair is as hard as its worse image). Pairs
-are split into bins of equal pair count by that quality, and each bin is scored two ways:
+A gallery holds clean images of held-out identities; each identity also has probes, some degraded and some
+clean. Features are unit vectors and the score of a pair is their cosine.
 
-* **10-fold accuracy** exactly as the high-quality sets (``evaluation.verification``): a fixed sample of
-  ``pairs_per_bin`` pairs, half genuine and half impostor, in a seeded random order;
-* **TAR@FAR** over *every* pair of the bin (sklearn ROC, nearest-FPR TAR as the IJB protocol), so small
-  FARs are supported by many impostors.
-
-The pair sample and the bins depend only on the labels, the qualities and ``seed``, never on the
-features: every model evaluated on the same images is scored on the same pairs.
+* **Rank-1 identification**: a probe is correct when the most similar gallery image is of its identity.
+* **TAR at one threshold**: every probe-gallery pair is a trial. ONE threshold is set on all impostor pairs
+  together, at the false accept rate asked for, and each probe group's TAR (degraded, clean) is read at it.
+  A threshold per group would let a hard group set a lower bar for itself.
+* **Spearman correlation** of a per-image value (feature norm, probability of the true class) with quality.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 from scipy.stats import spearmanr
 
 from evaluation import ProtocolError
-from evaluation.ijb import roc_curve, tar_at_far
-from evaluation.verification import evaluate
 
 
-@dataclasses.dataclass(frozen=True)
-class QualityPairs:
-    """first/second: image indices of every unordered pair (i < j); same: genuine pair; pair_quality:
-    min of the two images' qualities; bin: bin index (0 = lowest quality); edges: the bins' pair-quality
-    boundaries (num_bins + 1, ascending); sample: per bin, indices into the pairs of the balanced
-    10-fold sample (genuine and impostor interleaved in a random order)."""
-
-    first: np.ndarray
-    second: np.ndarray
-    same: np.ndarray
-    pair_quality: np.ndarray
-    bin: np.ndarray
-    edges: np.ndarray
-    sample: tuple
+def _unit_features(features, what: str) -> np.ndarray:
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2:
+        raise ProtocolError(f"{what}: features of shape {f.shape}; expected (images, dimensions)")
+    if not np.isfinite(f).all():
+        raise ProtocolError(f"{what}: features contain NaN or inf")
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
 
 
-def make_quality_pairs(labels, quality, num_bins: int = 4, pairs_per_bin: int = 600, seed: int = 0) -> QualityPairs:
-    """All pairs of the images, binned by pair quality into ``num_bins`` bins of (nearly) equal size,
-    with a balanced sample of ``pairs_per_bin`` pairs per bin for the 10-fold protocol."""
+def _check_labels(features, labels, what: str) -> np.ndarray:
     labels = np.asarray(labels).reshape(-1)
-    quality = np.asarray(quality, np.float64).reshape(-1)
-    if labels.shape != quality.shape:
-        raise ProtocolError(f"{labels.size} labels but {quality.size} quality values; expected one per image")
-    if not np.isfinite(quality).all():
-        raise ProtocolError("quality contains NaN or inf")
-    if num_bins < 1 or pairs_per_bin < 20 or pairs_per_bin % 2:
-        raise ProtocolError(f"num_bins={num_bins}, pairs_per_bin={pairs_per_bin}: expected num_bins >= 1 and an "
-                            "even pairs_per_bin >= 20 (10 folds of genuine and impostor pairs)")
-    first, second = np.triu_indices(labels.size, k=1)
-    same = labels[first] == labels[second]
-    pair_quality = np.minimum(quality[first], quality[second])
-    # Equal-count bins by rank (stable, so tied qualities keep the pair order): quantile edges would
-    # put all tied pairs of a discrete quality scale (e.g. Yale B's light positions) into one bin.
-    order = np.argsort(pair_quality, kind="stable")
-    bins = np.empty(order.size, np.int64)
-    bins[order] = np.minimum(np.arange(order.size) * num_bins // order.size, num_bins - 1)
-    edges = np.array([pair_quality[order[0]]] + [pair_quality[bins == b].max() for b in range(num_bins)])
-    rng = np.random.default_rng(seed)
-    sample = []
-    for b in range(num_bins):
-        genuine = np.flatnonzero((bins == b) & same)
-        impostor = np.flatnonzero((bins == b) & ~same)
-        half = pairs_per_bin // 2
-        if genuine.size < half or impostor.size < half:
-            raise ProtocolError(f"quality bin {b}: {genuine.size} genuine and {impostor.size} impostor pairs, "
-                                f"fewer than the {half} of each that pairs_per_bin={pairs_per_bin} needs; "
-                                "use fewer bins or fewer pairs")
-        chosen = np.concatenate([rng.choice(genuine, half, replace=False), rng.choice(impostor, half, replace=False)])
-        sample.append(chosen[rng.permutation(chosen.size)])
-    return QualityPairs(first=first, second=second, same=same, pair_quality=pair_quality, bin=bins, edges=edges,
-                        sample=tuple(sample))
+    if labels.size != features.shape[0]:
+        raise ProtocolError(f"{what}: {features.shape[0]} images but {labels.size} labels")
+    return labels
 
 
-def verification_by_quality(features, pairs: QualityPairs, far_targets=(1e-3, 1e-2)) -> list[dict]:
-    """Per bin (lowest quality first): {'bin', 'quality_range', 'accuracy' (mean of 10 folds), 'fold_std',
-    'tar' {far: TAR over all pairs of the bin}, 'genuine', 'impostor' (pair counts)}."""
-    features = np.asarray(features, np.float32)
-    if features.ndim != 2 or features.shape[0] <= int(max(pairs.first.max(), pairs.second.max())):
-        raise ProtocolError(f"features of shape {features.shape} do not cover the {pairs.second.max() + 1} images "
-                            "the pairs were made for")
-    if not np.isfinite(features).all():
-        raise ProtocolError("features contain NaN or inf")
-    out = []
-    for b, chosen in enumerate(pairs.sample):
-        inter = np.empty((2 * chosen.size, features.shape[1]), np.float32)
-        inter[0::2], inter[1::2] = features[pairs.first[chosen]], features[pairs.second[chosen]]
-        _, _, acc, _ = evaluate(inter, pairs.same[chosen])
-        in_bin = np.flatnonzero(pairs.bin == b)
-        scores = np.sum(features[pairs.first[in_bin]] * features[pairs.second[in_bin]], axis=1)
-        fpr, tpr, _ = roc_curve(pairs.same[in_bin], scores)
-        genuine = int(pairs.same[in_bin].sum())
-        out.append({"bin": b, "quality_range": (float(pairs.edges[b]), float(pairs.edges[b + 1])),
-                    "accuracy": float(acc.mean()), "fold_std": float(acc.std()),
-                    "tar": tar_at_far(fpr, tpr, far_targets), "genuine": genuine, "impostor": int(in_bin.size - genuine)})
+def similarity(probe_feats, gallery_feats) -> np.ndarray:
+    """(probes, gallery) cosine similarities of unit-normalised features."""
+    return _unit_features(probe_feats, "probes") @ _unit_features(gallery_feats, "gallery").T
+
+
+def rank1_correct(probe_feats, probe_labels, gallery_feats, gallery_labels) -> np.ndarray:
+    """Per probe: True when its most similar gallery image has its label (the first such image on a tie)."""
+    scores = similarity(probe_feats, gallery_feats)
+    probe_labels = _check_labels(scores, probe_labels, "probes")
+    gallery_labels = _check_labels(scores.T, gallery_labels, "gallery")
+    missing = np.setdiff1d(probe_labels, gallery_labels)
+    if missing.size:
+        raise ProtocolError(f"probes of {missing.size} identities (e.g. {missing[0]}) have no gallery image")
+    return gallery_labels[np.argmax(scores, axis=1)] == probe_labels
+
+
+def one_threshold_tar(probe_feats, probe_labels, probe_groups, gallery_feats, gallery_labels, far: float) -> dict:
+    """TAR of each probe group at ONE threshold set on every impostor probe-gallery pair.
+
+    The threshold is the smallest score that at most ``far`` of the impostor pairs exceed; a pair is accepted
+    when its score is above it. Returns {'threshold', 'far' (achieved over all impostors), 'tar' {group: TAR
+    of that group's genuine pairs}, 'impostor_far' {group: that group's own impostor FAR at the threshold}}."""
+    if not 0.0 < far < 1.0:
+        raise ProtocolError(f"far={far}: expected a false accept rate in (0, 1)")
+    scores = similarity(probe_feats, gallery_feats)
+    probe_labels = _check_labels(scores, probe_labels, "probes")
+    gallery_labels = _check_labels(scores.T, gallery_labels, "gallery")
+    probe_groups = np.asarray(probe_groups).reshape(-1)
+    if probe_groups.size != probe_labels.size:
+        raise ProtocolError(f"{probe_labels.size} probes but {probe_groups.size} group names")
+    genuine = probe_labels[:, None] == gallery_labels[None, :]
+    impostor_scores = np.sort(scores[~genuine])[::-1]
+    if impostor_scores.size == 0 or not genuine.any():
+        raise ProtocolError("the probes and the gallery make no genuine or no impostor pair")
+    k = int(np.floor(far * impostor_scores.size))  # at most k impostors may score above the threshold
+    threshold = float(impostor_scores[min(k, impostor_scores.size - 1)])
+    accepted = scores > threshold
+    out = {"threshold": threshold, "far": float(accepted[~genuine].mean()), "tar": {}, "impostor_far": {}}
+    for group in dict.fromkeys(probe_groups.tolist()):
+        rows = probe_groups == group
+        out["tar"][group] = float(accepted[rows][genuine[rows]].mean())
+        out["impostor_far"][group] = float(accepted[rows][~genuine[rows]].mean())
     return out
 
 
-def norm_quality_spearman(norms, quality) -> float:
-    """Spearman rank correlation between feature norms and image quality (scipy)."""
-    norms = np.asarray(norms, np.float64).reshape(-1)
+def quality_spearman(values, quality) -> float:
+    """Spearman rank correlation between a per-image value and image quality (scipy; ties get mean ranks)."""
+    values = np.asarray(values, np.float64).reshape(-1)
     quality = np.asarray(quality, np.float64).reshape(-1)
-    if norms.shape != quality.shape:
-        raise ProtocolError(f"{norms.size} norms but {quality.size} quality values")
-    return float(spearmanr(norms, quality).statistic)
+    if values.shape != quality.shape:
+        raise ProtocolError(f"{values.size} values but {quality.size} quality values")
+    return float(spearmanr(values, quality).statistic)

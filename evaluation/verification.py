@@ -18,6 +18,9 @@ import numpy as np
 
 from evaluation import ProtocolError
 
+# The five sets' file stems (<name>.bin), in the original's order (FiveValidationDataset: agedb_30, cfp_fp, lfw,
+# cplfw, calfw).
+HQ_SETS = ("agedb_30", "cfp_fp", "lfw", "cplfw", "calfw")
 THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 

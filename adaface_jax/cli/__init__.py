@@ -34,7 +34,7 @@ COMMANDS = {
     "compare": "print the similarity matrix of face photos (and same-person decisions once calibrated)",
     "calibrate": "cosine thresholds at target false accept rates from a verification set, stored with the model",
     "quickstart": "synthesize data, train, evaluate and plot on this machine",
-    "miniature": "the paper in miniature: AdaFace vs ArcFace vs CosFace by image quality, on a CPU",
+    "miniature": "the paper in miniature: AdaFace vs CosFace, ArcFace and an oracle on hard low-quality faces",
 }
 DEBUG_ENV = "ADAFACE_DEBUG"
 DESCRIPTION = ("AdaFace face recognition in JAX: convert the released PyTorch models, prepare data, train on every "
@@ -113,7 +113,7 @@ def parse_command(argv: list[str]):
     module.add_arguments(parser)
     rest, overrides = argv[1:], {}
     if getattr(module, "CONFIG_OVERRIDES", False):
-        from adaface_jax.train.config_io import split_override_args  # noqa: PLC0415
+        from adaface_jax.train.config import split_override_args  # noqa: PLC0415
 
         try:
             overrides, rest = split_override_args(rest)

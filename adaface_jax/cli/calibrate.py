@@ -69,8 +69,8 @@ def run(args) -> int:
     import json
 
     from adaface_jax import io
-    from adaface_jax.checkpoint import calibration_location, store_calibration
     from adaface_jax.errors import InputError
+    from adaface_jax.weights import calibration_file
     from evaluation import calibration
 
     for far in args.far:
@@ -80,9 +80,9 @@ def run(args) -> int:
     source_path = io.check_path(args.features or args.bin, "--features" if args.features else "--bin")
     if not io.exists(checkpoint):
         raise InputError(f"--checkpoint {args.checkpoint}: no such file or folder")
-    _, stored_in = calibration_location(checkpoint)  # a model we can store into (fails now if not)
+    stored_in = calibration_file(checkpoint)  # a model we can store into (fails now if not)
     if not args.no_store:  # only an earlier JSON file is replaced
-        io.check_output_file(stored_in, "calibration file", suffixes=(".json",))
+        io.check_output_file(stored_in.path, "calibration file", suffixes=(".json",))
     if args.features:
         feats, issame = _read_features(source_path)
     else:
@@ -98,6 +98,6 @@ def run(args) -> int:
     if args.no_store:
         print(json.dumps(cal["thresholds"]))
         return 0
-    path = store_calibration(checkpoint, cal)
+    path = calibration.store_calibration(stored_in, cal)
     print(f"stored in {path}; `adaface-jax compare --checkpoint {args.checkpoint}` now prints the decisions")
     return 0

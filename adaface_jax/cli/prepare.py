@@ -69,18 +69,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"bin": src, "images": list(images.shape), "pairs": int(len(issame)),
                           "same": int(issame.sum()), "cache_dir": out}))
         return 0
-    from data_pipeline import convert  # noqa: PLC0415  (keeps `adaface-jax --help` fast)
+    from data_pipeline import prepare  # noqa: PLC0415  (keeps `adaface-jax --help` fast)
 
     common = dict(name=args.name, num_workers=args.workers, shard_bytes=int(args.shard_mb * 1024 * 1024),
                   num_shards=args.num_shards, shuffle_seed=None if args.no_shuffle else 0,
                   channel_order=args.channel_order, skip_corrupt=args.skip_corrupt, force=args.force,
                   verify=not args.no_decode_check)
     if args.kind == "rec":
-        manifest = convert.convert_rec(src, out, idx_path=idx, **common)
+        manifest = prepare.convert_rec(src, out, idx_path=idx, **common)
     elif args.kind == "folder":
-        manifest = convert.convert_folder(src, out, **common)
+        manifest = prepare.convert_folder(src, out, **common)
     else:
-        manifest = convert.convert_list(src, out, root=root, **common)
+        manifest = prepare.convert_list(src, out, root=root, **common)
     summary = {k: manifest[k] for k in ("num_images", "num_classes", "num_skipped_corrupt", "num_skipped_files",
                                         "resumed_shards", "seconds")}
     if manifest["skipped_files"]:  # named here too (the manifest lists them all)

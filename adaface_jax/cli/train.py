@@ -114,7 +114,7 @@ def run(args) -> int:
     for noisy in ("absl", "jax._src.xla_bridge"):  # orbax logs every manager option at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from adaface_jax import parallel  # noqa: PLC0415
-    from adaface_jax.train.config_io import apply_overrides, load_config  # noqa: PLC0415
+    from adaface_jax.train.config import apply_overrides, load_config  # noqa: PLC0415
     from adaface_jax.train.loop import TooManySkippedSteps, train  # noqa: PLC0415
 
     config = apply_overrides(load_config(args.config), args.overrides)

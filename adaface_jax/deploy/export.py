@@ -5,11 +5,11 @@ is built locally and copied in, its ``saved_model.pb`` last)."""
 from __future__ import annotations
 
 from adaface_jax import io
-from adaface_jax.checkpoint import load_weights
 from adaface_jax.convert.convert import export_state_dict, to_torch_state_dict
 from adaface_jax.convert.safe_load import import_torch
 from adaface_jax.deploy import onnx_export
 from adaface_jax.errors import InputError
+from adaface_jax.weights import load_weights
 
 # The file names each format writes (a SavedModel is a folder)
 SUFFIXES = {"torch": (".ckpt", ".pt", ".pth"), "onnx": (".onnx",)}

@@ -31,9 +31,10 @@ import numpy as np
 
 from adaface_jax import io, parallel
 from adaface_jax.errors import ConfigError, InputError
-from adaface_jax.train.loop import read_data_manifest, validate_config
+from adaface_jax.train.config import check_config
+from adaface_jax.train.loop import read_data_manifest
 from adaface_jax.train.program_cost import collective_bytes, model_flops
-from adaface_jax.train.setup import build_trainer, precision, resolve_cpu_convolutions
+from adaface_jax.train.setup import build_trainer
 
 def _device_bytes(tree) -> int:
     """Bytes one device holds of an abstract pytree (each leaf's shard shape under its sharding)."""
@@ -51,7 +52,7 @@ def _gb(x: float) -> str:
 def class_count(config) -> tuple[int, str]:
     """(classes, where from): the manifest's count when ``config.data.data_dir`` (local or ``gs://``) exists,
     else the config's."""
-    d = config.data.get("data_dir", "")
+    d = config.data.data_dir
     if config.data.source == "tfrecord" and d:
         try:
             d = io.check_path(d, "config.data.data_dir")  # a typo'd URL is refused, not taken for a missing folder
@@ -70,11 +71,10 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
     n = mesh.devices.size
     num_classes, source = class_count(config)
     config.num_classes = num_classes
+    config = check_config(config, num_devices=n, process_count=jax.process_count())
     # Plan the accelerator program: XLA's default kernels and autodiff's backward, without the CPU-only
-    # convolution choice and its backward rewrites (a bad value is still refused, as the run would refuse it).
-    resolve_cpu_convolutions(config)
+    # convolution choice and its backward rewrites (a bad value was refused above, as the run would refuse it).
     config.cpu_convolutions = "xla_default"
-    validate_config(config, n, None)
     trainer = build_trainer(config, mesh, steps_per_epoch=1000, abstract=True)
     b, size = config.global_batch_size, config.data.image_size
     bs = parallel.batch_sharding(mesh)
@@ -82,7 +82,7 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
              "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs)}
     t0 = time.perf_counter()
     # The plan never runs the program: skip LLVM's optimisations on CPU (the memory analysis, FLOPs and
-    # collectives come from the HLO passes, unchanged; ir_101's compile drops from 352 s to 304 s).
+    # collectives come from the HLO passes, which they leave unchanged).
     cpu = mesh.devices.flat[0].platform == "cpu"
     options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True} if cpu else None
     compiled = trainer.step.lower(trainer.state, batch).compile(compiler_options=options)
@@ -102,7 +102,7 @@ def plan(config, *, device_memory_gb: Optional[float] = None, mesh=None) -> dict
     hlo = compiled.as_text()
     coll = collective_bytes(hlo)
     return {
-        "arch": config.model.arch, "head": config.head.name, "precision": precision(config),
+        "arch": config.model.arch, "head": config.head.name, "precision": config.precision,
         "sample_rate": trainer.step_config.sample_rate, "devices": n, "device_kind": mesh.devices.flat[0].device_kind,
         "global_batch": b, "per_device_batch": b // n, "num_classes": num_classes, "classes_from": source,
         "padded_classes": trainer.padded_classes, "kernel_shard_shape": tuple(kernel.sharding.shard_shape(kernel.shape)),

@@ -11,30 +11,26 @@ import json
 import logging
 import signal
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
-import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from adaface_jax import heads, io, parallel
-from adaface_jax.checkpoint import Checkpointer, load_weights
-from adaface_jax.compile_options import DEFAULT_CPU_CONVOLUTIONS
 from adaface_jax.errors import ConfigError, InputError  # noqa: F401  (ConfigError: re-exported)
-from adaface_jax.features import extract_features
-from adaface_jax.models import MODEL_NAMES
-from adaface_jax.train.setup import build_trainer, resolve_cpu_convolutions
-from adaface_jax.train.setup import precision as resolve_precision
+from adaface_jax.features import make_embed_fn
+from adaface_jax.train.checkpointer import Checkpointer
+from adaface_jax.train.config import check_config, precision_of_saved_config
+from adaface_jax.train.setup import build_trainer
 from adaface_jax.train.state import TrainState
-from data_pipeline.bin_reader import load_bin
+from adaface_jax.weights import load_weights
 from data_pipeline.input import (TrainInputConfig, effective_streams, hide_gpus_from_tf, make_train_iterator,
                                  save_augmentation_grid)
 from data_pipeline.input import steps_per_epoch as pipeline_spe
 from data_pipeline.manifest import read_manifest
 from adaface_jax.run_dir import RunDir
-from evaluation.evaluators import VerificationEvaluator
+from evaluation.evaluators import EVALUATORS
 
 log = logging.getLogger("adaface_jax.train")
 
@@ -68,32 +64,6 @@ def read_data_manifest(config) -> Optional[dict]:
         raise ConfigError(f"config.data.data_dir={data_dir!r}: no dataset manifest ({e})") from e
 
 
-def validate_config(config, num_devices: int, manifest: Optional[dict]) -> None:
-    """Fail before compiling, naming the field."""
-    if config.model.arch not in MODEL_NAMES:
-        raise ConfigError(f"config.model.arch={config.model.arch!r} is unknown; expected one of {sorted(MODEL_NAMES)}")
-    if config.head.name not in heads.HEADS:
-        raise ConfigError(f"config.head.name={config.head.name!r} is unknown; expected one of {sorted(heads.HEADS)}")
-    if config.data.source not in ("tfrecord", "random"):
-        raise ConfigError(f"config.data.source={config.data.source!r}: expected 'tfrecord' or 'random'")
-    if config.global_batch_size <= 0 or config.global_batch_size % num_devices:
-        raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by the device "
-                          f"count {num_devices}")
-    if config.global_batch_size % jax.process_count():
-        raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by the process "
-                          f"count {jax.process_count()}")
-    if config.accum_steps < 1 or (config.global_batch_size // num_devices) % config.accum_steps:
-        raise ConfigError(f"config.accum_steps={config.accum_steps} must divide the per-device batch "
-                          f"{config.global_batch_size // num_devices}")
-    if manifest is not None and int(manifest["num_classes"]) != config.num_classes:
-        raise ConfigError(f"config.num_classes={config.num_classes} but the dataset manifest in "
-                          f"{config.data.data_dir} has num_classes={manifest['num_classes']}")
-    if config.num_classes <= 1:
-        raise ConfigError(f"config.num_classes={config.num_classes} must be > 1")
-    if config.per_device_stats and config.head.name == "adaface" and config.global_batch_size // num_devices < 2:
-        raise ConfigError("config.per_device_stats needs at least 2 samples per device (unbiased std)")
-
-
 def steps_per_epoch(config, manifest: Optional[dict]) -> int:
     """Full global batches per epoch (the input pipeline's count; random source: num_images // batch)."""
     if manifest is None:
@@ -108,7 +78,7 @@ def steps_per_epoch(config, manifest: Optional[dict]) -> int:
 
 def load_init_from(path: str) -> tuple[dict, dict, Optional[dict]]:
     """--init-from: (backbone params, batch_stats, head dict or None) as numpy, from anything
-    ``adaface_jax.checkpoint.load_weights`` reads."""
+    ``adaface_jax.weights.load_weights`` reads."""
     loaded = load_weights(path)
     return loaded.variables["params"], loaded.variables["batch_stats"], loaded.head
 
@@ -191,25 +161,16 @@ def input_config(config):
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             augment=d.augment, crop_prob=d.crop_prob, lowres_prob=d.lowres_prob,
                             photometric_prob=d.photometric_prob, flip_prob=d.flip_prob, image_size=d.image_size,
-                            num_streams=int(d.get("num_streams", 64)))
+                            num_streams=int(d.num_streams))
 
 
 def data_layout(config) -> dict:
     """What fixes the sequence of global batches (recorded in every checkpoint): the same values on any topology
     reproduce the same batches; ``streams`` = gcd(data.num_streams, global_batch_size) for the tfrecord source."""
-    streams = (effective_streams(int(config.data.get("num_streams", 64)), config.global_batch_size)
+    streams = (effective_streams(int(config.data.num_streams), config.global_batch_size)
                if config.data.source == "tfrecord" else 0)
     return {"source": config.data.source, "global_batch_size": int(config.global_batch_size),
             "seed": int(config.seed), "streams": int(streams)}
-
-
-def check_data_layout(config) -> None:
-    """ConfigError unless this process count can run the input streams (it must divide their number)."""
-    streams = data_layout(config)["streams"]
-    if streams and streams % jax.process_count():
-        raise ConfigError(f"config.data.num_streams={config.data.get('num_streams', 64)}: the {streams} input streams "
-                          f"(gcd of data.num_streams and global_batch_size={config.global_batch_size}) cannot be "
-                          f"split over {jax.process_count()} processes; use a process count that divides {streams}")
 
 
 def check_resume_layout(saved_meta: dict, config, workdir: str, step: int, num_devices: int) -> None:
@@ -255,9 +216,9 @@ def check_resume_model(saved_meta: dict, config, workdir: str, step: int) -> Non
     now = json.loads(config.to_json())
     changed = [(f, _field(saved, f), _field(now, f)) for f in RESUME_MODEL_FIELDS
                if _field(saved, f) is not None and _field(saved, f) != _field(now, f)]
-    saved_precision = resolve_precision(ml_collections.ConfigDict(saved))
-    if (saved_precision == "float16") != (resolve_precision(config) == "float16"):
-        changed.append(("precision", saved_precision, resolve_precision(config)))
+    saved_precision = precision_of_saved_config(saved)
+    if (saved_precision == "float16") != (config.precision == "float16"):
+        changed.append(("precision", saved_precision, config.precision))
     if changed:
         field, was, is_now = changed[0]
         raise ConfigError(f"config.{field}: the checkpoint in {workdir} (step {step}) was written with {field}={was!r} "
@@ -282,106 +243,28 @@ def make_input(config, start_step: int) -> Iterator[dict]:
     local_batch = config.global_batch_size // jax.process_count()
     if config.data.source == "random":
         return random_batches(config, start_step, local_batch)
-    check_data_layout(config)
     hide_gpus_from_tf()
     return make_train_iterator(input_config(config), start_step=start_step)
 
 
 # ----------------------------------------------------------------------------------------- validation
 
-def find_val_sets(config) -> dict[str, str]:
-    """The .bin files of ``config.evals.verification``: ``sets`` (all when empty) found in ``bin_dir`` and
-    the data directory."""
-    spec = config.evals.verification
-    names = list(spec.sets)
-    if spec.bin_dir:
-        try:
-            bin_dir = io.check_path(spec.bin_dir, "config.evals.verification.bin_dir")
-        except InputError as e:
-            raise ConfigError(str(e)) from e
-        if not io.isdir(bin_dir):
-            raise ConfigError(f"config.evals.verification.bin_dir={spec.bin_dir!r}: directory not found")
-    roots = [r for r in (spec.bin_dir, config.data.data_dir) if r]
-    found = {}
-    for root in roots:
-        for p in io.glob(io.check_path(root), "*.bin"):
-            name = io.basename(p)[: -len(".bin")]
-            if (not names or name in names) and name not in found:
-                found[name] = p
-    missing = [n for n in names if n not in found]
-    where = " or ".join(str(r) for r in roots) or "(no folder: config.evals.verification.bin_dir is empty)"
-    if spec.every_epochs > 0 and not found:
-        raise ConfigError(f"config.evals.verification: no {'/'.join(names) if names else '*'}.bin found in {where}; "
-                          "set config.evals.verification.bin_dir, or every_epochs=0 to train without validation")
-    if missing:
-        log.warning("validation sets not found in %s: %s (validating on %s)", where,
-                    ", ".join(f"{n}.bin" for n in missing), ", ".join(sorted(found)))
-    return found
-
-
 def build_evaluators(config) -> dict:
-    """``config.evals`` -> ``{name: (evaluator, spec)}``, built once before training (the .bin sets are read
-    now, so a bad one fails before the first step). Today: ``verification`` (the .bin pair sets)."""
-    unknown = sorted(set(config.evals) - {"verification"})
-    if unknown:
-        raise ConfigError(f"config.evals.{unknown[0]}: unknown evaluator; expected 'verification'")
-    spec = config.evals.verification
-    if spec.every_epochs <= 0:
-        return {}
-    sets = {}
-    for name, path in find_val_sets(config).items():
-        images, issame = load_bin(path)
-        if spec.max_pairs:
-            images, issame = images[: 2 * spec.max_pairs], issame[: spec.max_pairs]
-        sets[name] = (images, np.asarray(issame, bool))
-    log.info("validation sets: %s", sorted(sets) or "none found")
-    return {"verification": (VerificationEvaluator(sets), spec)} if sets else {}
+    """The evaluators of a checked config that run (``every_epochs`` > 0): ``{name: (evaluator, spec)}``, built
+    once before training (their data is read now, so a bad file fails before the first step)."""
+    return {name: (EVALUATORS[spec.type].from_config(spec, config.data.data_dir, where=f"config.evals.{name}"), spec)
+            for name, spec in config.evals.items() if spec.every_epochs > 0}
 
 
-def make_embed_fn(model_eval, state: TrainState, mesh, batch_size: int, flip_test: bool = True,
-                  cpu_convolutions: str = DEFAULT_CPU_CONVOLUTIONS):
-    """``embed_fn(images) -> (features, norms)`` of the state's backbone, for the evaluators.
-
-    With several processes each process embeds its contiguous block of the images (padded to equal
-    blocks with copies of the last image) on its own devices and the features are gathered
-    (``multihost_utils.process_allgather``): every process gets all of them, for 1/P of the work."""
+def run_evaluators(due: dict, model_eval, state: TrainState, mesh, cpu_convolutions: str) -> dict:
+    """Every evaluator of ``due`` (``{name: (evaluator, spec)}``) on the state's backbone -> their flat metrics."""
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
-    nproc, pid = jax.process_count(), jax.process_index()
-    if nproc > 1:
-        # Backbone variables are replicated: each process embeds its share on its own devices.
-        variables = jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), variables)
-        mesh = parallel.make_mesh(jax.local_devices())
-
-    def embed_fn(images):
-        if nproc == 1:
-            return extract_features(model_eval, variables, images, batch_size=batch_size, flip_test=flip_test,
-                                    mesh=mesh, progress=False, cpu_convolutions=cpu_convolutions)
-        n = len(images)
-        per = -(-n // nproc)
-        rows = np.minimum(np.arange(pid * per, (pid + 1) * per), n - 1)  # the last block padded with image n-1
-        feats, norms = extract_features(model_eval, variables, np.asarray(images)[rows], batch_size=batch_size,
-                                        flip_test=flip_test, mesh=mesh, progress=False,
-                                        cpu_convolutions=cpu_convolutions)
-        gathered = multihost_utils.process_allgather({"f": feats, "n": norms})
-        return (np.asarray(gathered["f"]).reshape(nproc * per, -1)[:n],
-                np.asarray(gathered["n"]).reshape(nproc * per, -1)[:n])
-
-    return embed_fn
-
-
-def verification_metrics(metrics: dict) -> dict:
-    """A VerificationEvaluator's metrics as the loop logs them: ``val/<set>_acc`` and ``val/mean_acc``."""
-    out = {f"val/{name}_acc": float(res["accuracy"]) for name, res in metrics["sets"].items()}
-    if out:
-        out["val/mean_acc"] = float(metrics["mean_accuracy"])
-    return out
-
-
-def validate(model_eval, state: TrainState, val_sets: dict[str, tuple], mesh, batch_size: int) -> dict:
-    """Flip-test verification accuracy on each loaded .bin set and their mean (the loop's
-    ``VerificationEvaluator`` over ``make_embed_fn``; the same accuracies under any number of processes)."""
-    evaluator = VerificationEvaluator(val_sets)
-    return verification_metrics(evaluator.run(make_embed_fn(model_eval, state, mesh, batch_size)))
+    metrics = {}
+    for evaluator, spec in due.values():
+        embed_fn = make_embed_fn(model_eval, variables, batch_size=spec.batch_size, mesh=mesh,
+                                 cpu_convolutions=cpu_convolutions)
+        metrics.update(evaluator.scalar_metrics(evaluator.run(embed_fn)))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------- logs
@@ -467,23 +350,27 @@ class _StopRequest:
 
 # ----------------------------------------------------------------------------------------------- loop
 
-def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None) -> tuple[dict, TrainState]:
+def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None,
+          after_step: Optional[Callable[[int], None]] = None) -> tuple[dict, TrainState]:
     """Run (or resume) training; returns (summary dict: step, metrics, stop_reason, ...; final TrainState).
 
     Raises ConfigError before compiling on a bad configuration and TooManySkippedSteps after
-    ``config.max_skipped_in_row`` consecutive non-finite steps (checked at log steps).
+    ``config.max_skipped_in_row`` consecutive non-finite steps (checked at log steps). ``after_step(step)``
+    is called after each step is logged, before its evaluation, checkpoint and signal check (tests slow a
+    run down with it).
     """
     run_dir = RunDir.of(workdir)
     mesh = parallel.make_mesh(devices)
     ndev = mesh.devices.size
     manifest = read_data_manifest(config)
-    validate_config(config, ndev, manifest)
-    check_data_layout(config)  # before anything is built: the process count must divide the input streams
+    config = check_config(config, num_devices=ndev, process_count=jax.process_count(), manifest=manifest)
     spe = steps_per_epoch(config, manifest)
     total_steps = int(config.total_steps) if config.total_steps > 0 else int(config.epochs * spe)
     # Nothing is written into a new workdir until every check has passed (the checkpointer creates folders).
     open_checkpointer = lambda: Checkpointer(run_dir, max_to_keep=config.checkpoint.keep,  # noqa: E731
-                                             async_save=config.checkpoint.async_save)
+                                             async_save=config.checkpoint.async_save,
+                                             best_metric=config.checkpoint.best_metric,
+                                             best_mode=config.checkpoint.best_mode)
     ckpt = open_checkpointer() if io.isdir(run_dir.checkpoints) else None
     resume_step = ckpt.latest_step() if ckpt is not None else None
     # Read the fine-tuning weights before anything is built, so a bad --init-from fails at once.
@@ -513,12 +400,11 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     meta = {"arch": config.model.arch, "head": config.head.name, "num_classes": config.num_classes,
             "padded_classes": padded, "steps_per_epoch": spe, "config": json.loads(config.to_json()),
             "data_layout": data_layout(config), "topology": {"processes": jax.process_count(), "devices": ndev}}
-    evaluators = build_evaluators(config)  # reads the .bin sets: a bad one fails before anything is written
+    evaluators = build_evaluators(config)  # reads their data: a bad file fails before anything is written
     run_dir.create()
     ckpt = ckpt or open_checkpointer()
     metrics_log = MetricsLog(run_dir)
     model_eval = trainer.eval_model  # eval: running statistics, no groups
-    cpu_convolutions = resolve_cpu_convolutions(config)  # the validation forward's, as the step's
 
     start = int(jax.device_get(state.step))
     if start == 0 and config.sample_grid and config.data.source == "tfrecord" and jax.process_index() == 0:
@@ -538,14 +424,14 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                 log.warning("step %d: %d record(s) of %s failed to decode and were replaced by other images of "
                             "the batch (%d so far; `adaface-jax check` names them)", step + 1, bad,
                             config.data.data_dir, bad_records)
-                if bad_records > config.data.get("max_bad_records", 0):
+                if bad_records > config.data.max_bad_records:
                     ckpt.wait()
                     bar.close()
                     metrics_log.close()
                     ckpt.close()
                     raise TooManyBadRecords(
                         f"{bad_records} records of {config.data.data_dir} failed to decode by step {step + 1}, more "
-                        f"than config.data.max_bad_records={config.data.get('max_bad_records', 0)}; run "
+                        f"than config.data.max_bad_records={config.data.max_bad_records}; run "
                         f"`adaface-jax check {config.data.data_dir}` to list them. The last checkpoint in "
                         f"{run_dir.checkpoints} is intact.")
             state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
@@ -571,20 +457,18 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                         f"(step {step}); stopping. The last good checkpoint is intact in {run_dir.checkpoints} "
                         f"(latest step {ckpt.latest_step()}).")
             bar.update(1)
-            if config.debug_step_delay_s:
-                time.sleep(config.debug_step_delay_s)
+            if after_step is not None:
+                after_step(step)
             epoch = (step - 1) // spe
             due = {name: (ev, spec) for name, (ev, spec) in evaluators.items()
                    if epoch_end and (epoch + 1) % spec.every_epochs == 0}
-            if "verification" in due:
-                evaluator, spec = due["verification"]
-                embed_fn = make_embed_fn(model_eval, state, mesh, spec.batch_size, cpu_convolutions=cpu_convolutions)
-                val = verification_metrics(evaluator.run(embed_fn))
+            if due:
+                val = run_evaluators(due, model_eval, state, mesh, config.cpu_convolutions)
                 metrics_log.write(step, val)
                 last.update(val)
                 log.info("step %d epoch %d: %s", step, epoch, val)
-                ckpt.save_best(state, {**meta, "epoch": epoch, "bad_records": bad_records},
-                               {"mean_acc": val["val/mean_acc"]})
+                if config.checkpoint.best_metric in val:
+                    ckpt.save_best(state, {**meta, "epoch": epoch, "bad_records": bad_records}, val)
             if step % config.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
                 ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records})
                 metrics_log.flush()

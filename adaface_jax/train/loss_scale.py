@@ -15,7 +15,8 @@ The scale and its counter (``LossScaleState``) are part of the ``TrainState`` an
 resumed run continues with the same scale.  Only ``config.precision='float16'`` uses it; float32 and
 bfloat16 (8 exponent bits, float32's range) train without a scale and their state has none.
 
-Config: ``config.loss_scale.{init, growth_interval, growth_factor, backoff_factor}``.
+Config: ``config.loss_scale.{init, growth_interval, growth_factor, backoff_factor}`` (checked, with the
+defaults above, in ``adaface_jax.train.config``).
 """
 from __future__ import annotations
 
@@ -35,12 +36,9 @@ class LossScaleConfig:
 
     @classmethod
     def from_config(cls, config) -> "LossScaleConfig":
-        """``config.loss_scale`` (any mapping with some of the fields) or the defaults."""
-        section = config.get("loss_scale", None) if hasattr(config, "get") else None
-        if not section:
-            return cls()
-        return cls(**{f.name: type(getattr(cls, f.name))(section[f.name]) for f in dataclasses.fields(cls)
-                      if f.name in section})
+        """``config.loss_scale`` of a training config, each field as its type here."""
+        section = config.loss_scale
+        return cls(**{f.name: type(getattr(cls, f.name))(section[f.name]) for f in dataclasses.fields(cls)})
 
 
 @flax.struct.dataclass

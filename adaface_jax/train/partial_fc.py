@@ -2,7 +2,7 @@
 Stone: Efficient and Robust Training of Face Recognition CNNs by Partial FC", CVPR 2022;
 arcface_torch ``PartialFC_V2``), on the class-sharded kernel.
 
-``config.head.sample_rate = r`` (default 1.0 = the full softmax, today's code path unchanged).
+``config.head.sample_rate = r`` (r < 1; the default 1.0 is the full softmax, which does not use this module).
 
 Per step, on every device d of the 'data' mesh axis, with its kernel shard of ``Cl = C_padded / n``
 columns (classes ``d*Cl ... d*Cl+Cl-1``):

@@ -93,7 +93,10 @@ def _constrain(x, sharding):
 
 
 def make_loss_fn(model, cfg: StepConfig):
-    """loss(params, batch_stats, head_state, images, labels, dropout_rng) -> (loss, (bs, hs, aux))."""
+    """loss(params, batch_stats, head_state, images, labels, dropout_rng, quality=None) -> (loss, (bs, hs, aux)).
+
+    ``quality``: per-image true quality for AdaFace's oracle margin (``heads.adaface_logits(quality=...)``);
+    given only when the batch carries a ``'quality'`` entry."""
     head_fn = heads.HEADS[cfg.head_name]
     head_kwargs = cfg.head_params()
     if cfg.head_name == "adaface":
@@ -104,7 +107,10 @@ def make_loss_fn(model, cfg: StepConfig):
         if mesh is None:
             mesh = parallel.make_mesh(jax.devices()[:1])
 
-    def loss_fn(params, batch_stats, head_state, images, labels, dropout_rng):
+    def loss_fn(params, batch_stats, head_state, images, labels, dropout_rng, quality=None):
+        oracle = {} if quality is None else {"quality": quality}
+        if oracle and (cfg.head_name != "adaface" or cfg.sample_rate < 1.0):
+            raise ValueError("a batch 'quality' (the oracle margin) needs head 'adaface' and the full softmax")
         (emb, norm), mutated = model.apply({"params": params["backbone"], "batch_stats": batch_stats}, images,
                                            train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
         emb = _constrain(emb.astype(jnp.float32), cfg.embedding_sharding)
@@ -116,7 +122,8 @@ def make_loss_fn(model, cfg: StepConfig):
                 head_fn, head_kwargs, emb, norm, labels_r, params["head"]["kernel"], head_state, dropout_rng,
                 mesh=mesh, num_classes=num_classes, sample_rate=cfg.sample_rate)
             return loss, (mutated.get("batch_stats", batch_stats), new_head_state, jnp.mean(norm))
-        logits, new_head_state = head_fn(emb, norm, labels_r, params["head"]["kernel"], head_state, **head_kwargs)
+        logits, new_head_state = head_fn(emb, norm, labels_r, params["head"]["kernel"], head_state, **head_kwargs,
+                                         **oracle)
         logits = _constrain(logits, cfg.logits_sharding)
         loss = heads.softmax_cross_entropy(logits, labels_r, num_classes)
         return loss, (mutated.get("batch_stats", batch_stats), new_head_state, jnp.mean(norm))
@@ -130,24 +137,24 @@ def make_train_step(model, cfg: StepConfig):
     k = cfg.accum_steps
     unscaled_grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if cfg.loss_scale is not None:
-        def scaled_loss(params, batch_stats, head_state, images, labels, rng, scale):
-            loss, aux = loss_fn(params, batch_stats, head_state, images, labels, rng)
+        def scaled_loss(params, batch_stats, head_state, images, labels, rng, scale, quality=None):
+            loss, aux = loss_fn(params, batch_stats, head_state, images, labels, rng, quality)
             return loss * scale, (loss, aux)
 
         scaled_grad = jax.value_and_grad(scaled_loss, has_aux=True)
 
     def _descaled(scale):
-        def fn(*args):  # the unscaled loss and gradients of the scaled loss
-            (_, (loss, aux)), g = scaled_grad(*args, scale)
+        def fn(*args, quality=None):  # the unscaled loss and gradients of the scaled loss
+            (_, (loss, aux)), g = scaled_grad(*args, scale, quality)
             return (loss, aux), jax.tree_util.tree_map(lambda x: x / scale, g)
         return fn
 
-    def compute(state, images, labels):
+    def compute(state, images, labels, quality):
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = unscaled_grad_fn if cfg.loss_scale is None else _descaled(state.loss_scale.scale)
         if k == 1:
             (loss, (bs, hs, mean_norm)), grads = grad_fn(state.params, state.batch_stats, state.head_state, images,
-                                                         labels, rng)
+                                                         labels, rng, quality=quality)
             return loss, grads, bs, hs, mean_norm
         b = images.shape[0]
         if b % k:
@@ -155,23 +162,26 @@ def make_train_step(model, cfg: StepConfig):
         # (B, ...) -> (k, B/k, ...) with micro-batch i = rows i, i+k, ...: every device keeps a share.
         split = lambda x: jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
         micro_images, micro_labels = split(images), split(labels)
+        micro_quality = None if quality is None else split(quality)
 
         def body(carry, xs):
             bs, hs, gsum, lsum, nsum = carry
-            i, im, lb = xs
-            (loss, (bs, hs, mean_norm)), g = grad_fn(state.params, bs, hs, im, lb, jax.random.fold_in(rng, i))
+            i, im, lb, q = xs
+            (loss, (bs, hs, mean_norm)), g = grad_fn(state.params, bs, hs, im, lb, jax.random.fold_in(rng, i),
+                                                     quality=q)
             gsum = jax.tree_util.tree_map(jnp.add, gsum, g)
             return (bs, hs, gsum, lsum + loss, nsum + mean_norm), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
         init = (state.batch_stats, state.head_state, zeros, jnp.float32(0), jnp.float32(0))
-        (bs, hs, gsum, lsum, nsum), _ = jax.lax.scan(body, init, (jnp.arange(k), micro_images, micro_labels))
+        (bs, hs, gsum, lsum, nsum), _ = jax.lax.scan(body, init, (jnp.arange(k), micro_images, micro_labels,
+                                                                   micro_quality))
         grads = jax.tree_util.tree_map(lambda g: g / k, gsum)
         return lsum / k, grads, bs, hs, nsum / k
 
     def train_step(state, batch):
         images, labels = batch["image"], batch["label"]
-        loss, grads, new_bs, new_hs, mean_norm = compute(state, images, labels)
+        loss, grads, new_bs, new_hs, mean_norm = compute(state, images, labels, batch.get("quality"))
         updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
 
