@@ -12,6 +12,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 240  # generous: JAX processes start, compile and talk over gloo on 2 shared cores
 # Failures that mean the coordinator port was taken by someone else (and only those) are retried.
+PROXY_KEYS = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+              "no_proxy"}
 PORT_TAKEN = ("address already in use", "failed to add port", "could not bind", "failed to bind", "errno 98")
 ATTEMPTS = 3
 
@@ -34,7 +36,13 @@ def _reserve_port(hold: bool):
 
 def _run_once(script, nproc, argv, hold, timeout_s):
     sock, port = _reserve_port(hold)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # The loopback Cloud Storage server (the gcs_server fixture) points the proxy variables at itself for the rest of
+    # the session; the processes' coordinator (gRPC on localhost) must not go through it: they get the session's
+    # original proxy settings.
+    from tests.conftest import ENV_AT_START  # noqa: PLC0415  (the environment before any fixture changed it)
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and k not in PROXY_KEYS}
+    env.update({k: ENV_AT_START[k] for k in PROXY_KEYS if k in ENV_AT_START})
     logs = [tempfile.TemporaryFile("w+") for _ in range(nproc)]
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, script)] + [str(a) for a in argv(pid, port)],
                               env=env, stdout=logs[pid], stderr=subprocess.STDOUT, text=True)
