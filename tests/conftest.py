@@ -47,12 +47,21 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def _runs_long(item) -> bool:
+    return (any(item.get_closest_marker(name) for name in ("slow", "multiprocess", "notebook"))
+            or item.nodeid.startswith("tests/e2e/"))
+
+
 def pytest_collection_modifyitems(items):
     # The marker follows the fixture, so `-m "not needs_shared_data"` selects exactly the tests that never skip for
     # want of ../shared.
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.needs_shared_data)
+    # The long tier first (a stable sort keeps the rest in file order): under pytest-xdist both workers start on
+    # the long tests and the short ones fill in after, instead of one worker finishing a minute-long test alone
+    # at the end.
+    items.sort(key=lambda item: not _runs_long(item))
 
 
 @pytest.fixture(scope="session")

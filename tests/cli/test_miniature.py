@@ -1,11 +1,10 @@
 """`adaface-jax miniature`: one-line refusals, a run that records and resumes, a study in a bucket."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from adaface_jax.cli import main
 from tests.support import REPO
 from tests.support.cli_fixtures import fail
 
@@ -13,11 +12,6 @@ ROOT = str(REPO)
 
 
 # --- the command ------------------------------------------------------------------------------------------------
-
-def _cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "adaface_jax.cli", "miniature", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "XLA_FLAGS": ""})
-
 
 # The smallest study that runs every part: the tiny backbone, a few identities, 2 steps.
 TINY_STUDY = {"study.arms": "adaface", "study.seeds.adaface": "0", "study.steps": "2", "model.arch": "tiny",
@@ -61,15 +55,22 @@ def test_an_out_that_is_a_file_or_holds_another_file_of_a_report_name_is_refused
 
 
 @pytest.mark.slow
-def test_command_runs_records_and_resumes(tmp_path):
+def test_command_runs_records_and_resumes(tmp_path, monkeypatch, capsys):
+    """The command five times in this process (a subprocess per call would spend ~10 s a call importing)."""
+    monkeypatch.chdir(ROOT)
+
+    def cli(*args):
+        code = main(["miniature", *args])
+        return code, capsys.readouterr().out
+
     out = tmp_path / "mini"
     args = ["--out", str(out), "--config", "configs/paper_miniature.py:small",
             "--config.study.arms=adaface,cosface,oracle",
             "--config.study.seeds.adaface=0", "--config.study.seeds.cosface=0", "--config.study.seeds.oracle=0",
             "--config.study.steps=4"]
-    first = _cli(*args)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout.startswith("**Mechanism gate:") or "\n**Mechanism gate:" in first.stdout
+    code, stdout = cli(*args)
+    assert code == 0
+    assert stdout.startswith("**Mechanism gate:") or "\n**Mechanism gate:" in stdout
     study = json.loads((out / "study.json").read_text())
     runs = {r["arm"]: r for r in study["runs"]}
     assert set(runs) == {"adaface", "cosface", "oracle"}
@@ -78,18 +79,18 @@ def test_command_runs_records_and_resumes(tmp_path):
     assert "scaler" in runs["oracle"]["probes"][0] and "scaler" not in runs["cosface"]["probes"][0]
     for name in ("overview.png", "training.png", "table.md", "findings.md", "summary.json"):
         assert (out / name).stat().st_size > 0
-    again = _cli(*args)
-    assert again.returncode == 0 and again.stdout.count("recorded earlier, skipped") == 3, again.stdout
+    code, stdout = cli(*args)
+    assert code == 0 and stdout.count("recorded earlier, skipped") == 3, stdout
     record = out / "runs" / "cosface-seed0.json"
     record.write_text(record.read_text()[:100])  # a damaged record is trained again, not trusted
-    damaged = _cli(*args)
-    assert damaged.returncode == 0 and "is unreadable (JSONDecodeError), training it again" in damaged.stdout
-    more_seeds = _cli(*[a if a != "--config.study.seeds.cosface=0" else "--config.study.seeds.cosface=0,1"
-                        for a in args])
-    assert more_seeds.returncode == 0 and more_seeds.stdout.count("recorded earlier, skipped") == 3
-    assert "1 runs trained" in more_seeds.stdout
-    changed = _cli(*args[:-1], "--config.study.steps=3")  # other settings: not the recorded runs
-    assert changed.returncode == 0 and "skipped" not in changed.stdout
+    code, stdout = cli(*args)
+    assert code == 0 and "is unreadable (JSONDecodeError), training it again" in stdout
+    code, stdout = cli(*[a if a != "--config.study.seeds.cosface=0" else "--config.study.seeds.cosface=0,1"
+                         for a in args])
+    assert code == 0 and stdout.count("recorded earlier, skipped") == 3
+    assert "1 runs trained" in stdout
+    code, stdout = cli(*args[:-1], "--config.study.steps=3")  # other settings: not the recorded runs
+    assert code == 0 and "skipped" not in stdout
 
 
 def test_study_and_report_in_a_bucket_marker_last_and_resumed(gcs_bucket, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from tests.support import REPO
 from tests.support.cli_fixtures import checkpoint_steps, logged_steps, signalled_run
 from tests.support.cli_output import one_error_line
 from tests.support.datasets import rewrite_shard, truncated
+from tests.support.train_fixtures import cpu_config
 
 CPU_CONFIG = os.path.join(REPO, "configs", "cpu_synthetic.py")
 
@@ -167,20 +168,10 @@ def test_per_device_stats_gives_the_step_per_device_groups(tmp_path):
 
 
 def _train_config(data_dir, **kw):
-    from adaface_jax.train.config import load_config
-    c = load_config(CPU_CONFIG)
-    c.data.data_dir = data_dir
     settings = dict(num_classes=4, global_batch_size=8, log_every=1, progress=False, sample_grid=False,
                     evals__verification__every_epochs=0, model__arch="tiny", model__embedding_size=16, data__image_size=16,
                     checkpoint__every_steps=1, checkpoint__async_save=False)
-    settings.update(kw)
-    for k, v in settings.items():
-        node = c
-        *parents, leaf = k.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return cpu_config(data_dir, **{**settings, **kw})
 
 
 def test_training_survives_a_bad_record_counts_it_and_resumes_exactly(small_dataset, tmp_path):

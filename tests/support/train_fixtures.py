@@ -66,3 +66,40 @@ def run_sharded(devices, num_classes=20, steps=2, groups=1, batch=16):
         items = multihost_utils.process_allgather(items, tiled=True)
         metrics = multihost_utils.process_allgather(metrics, tiled=True)
     return jax.device_get(items), jax.device_get(metrics)
+
+
+def flip_fused_accuracy(module, variables, bin_path) -> float:
+    """10-fold accuracy of ``v = e(x) n(x) + e(flip x) n(flip x)``, normalised: the original's evaluation
+    (validation_step with the flip test, pre_norm_vector_add), computed here with ``module.apply`` and numpy."""
+    import jax  # noqa: PLC0415
+
+    from data_pipeline.bin_reader import load_bin  # noqa: PLC0415
+    from evaluation.verification import evaluate  # noqa: PLC0415
+    images, issame = load_bin(bin_path)
+    variables = jax.device_get(variables)
+    x = (np.asarray(images, np.float32) / 255.0 - 0.5) / 0.5
+    e, n = module.apply(variables, x, train=False)
+    ef, nf = module.apply(variables, x[:, :, ::-1], train=False)
+    v = np.asarray(e, np.float64) * np.asarray(n) + np.asarray(ef, np.float64) * np.asarray(nf)
+    return float(np.mean(evaluate((v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32),
+                                  np.asarray(issame, bool))[2]))
+
+
+def cpu_config(data_dir=None, **fields):
+    """configs/cpu_synthetic.py with ``fields`` set, nested keys joined by ``__`` (``evals__verification__every_epochs``)
+    and, when given, ``data.data_dir``."""
+    import os  # noqa: PLC0415
+
+    from adaface_jax.train.config import load_config  # noqa: PLC0415
+    from tests.support import REPO  # noqa: PLC0415
+
+    c = load_config(os.path.join(str(REPO), "configs", "cpu_synthetic.py"))
+    if data_dir is not None:
+        c.data.data_dir = data_dir
+    for key, value in fields.items():
+        node = c
+        *parents, leaf = key.split("__")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return c

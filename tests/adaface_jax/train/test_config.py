@@ -12,6 +12,7 @@ from adaface_jax.errors import InputError
 from adaface_jax.train.config import apply_overrides, check_config, default_config, load_config, split_override_args
 from adaface_jax.train.loop import ConfigError, read_data_manifest
 from tests.support import REPO as REPO_ROOT
+from tests.support.train_fixtures import cpu_config
 
 REPO = str(REPO_ROOT)
 CONFIGS = os.path.join(REPO, "configs")
@@ -75,17 +76,6 @@ def fake_dataset(tmp_path):
     return tmp_path
 
 
-def _cfg(**kw):
-    c = load_config(os.path.join(CONFIGS, "cpu_synthetic.py"))
-    for k, v in kw.items():
-        node = c
-        *parents, leaf = k.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
-
-
 def _check(config, manifest=None, num_devices=8, process_count=1):
     return check_config(config, num_devices=num_devices, process_count=process_count, manifest=manifest)
 
@@ -119,18 +109,18 @@ def test_bad_configurations_name_the_field(fake_dataset, tmp_path):
     for assignment, match in bad.items():
         key, value = assignment.split("=", 1)
         with pytest.raises(ConfigError, match="^" + match):
-            _check(_cfg(**{key: eval(value)}), manifest)
+            _check(cpu_config(**{key: eval(value)}), manifest)
     with pytest.raises(ConfigError, match=r"config.data.data_dir='.*nowhere': directory not found"):
-        read_data_manifest(_cfg(data__data_dir=str(tmp_path / "nowhere")))
+        read_data_manifest(cpu_config(data__data_dir=str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match=r"config.data.data_dir=.*no dataset manifest"):
-        read_data_manifest(_cfg(data__data_dir=str(tmp_path / "..")))
-    _check(_cfg(), manifest)  # the CPU config itself is fine
+        read_data_manifest(cpu_config(data__data_dir=str(tmp_path / "..")))
+    _check(cpu_config(), manifest)  # the CPU config itself is fine
     # A best metric no enabled evaluator logs is only an error while some evaluator runs.
-    _check(_cfg(checkpoint__best_metric="val/lfw_acc", evals__verification__every_epochs=0), manifest)
+    _check(cpu_config(checkpoint__best_metric="val/lfw_acc", evals__verification__every_epochs=0), manifest)
 
 
 def test_a_process_count_must_divide_the_batch_and_the_input_streams():
-    c = _cfg(global_batch_size=48)  # 16 streams (gcd of 64 and 48)
+    c = cpu_config(global_batch_size=48)  # 16 streams (gcd of 64 and 48)
     with pytest.raises(ConfigError, match=r"^config.data.num_streams=64: the 16 input streams .* cannot be split "
                                           r"over 3 processes; use a process count that divides 16"):
         _check(c, num_devices=6, process_count=3)
@@ -143,7 +133,7 @@ def test_a_process_count_must_divide_the_batch_and_the_input_streams():
 def _older_recipe():
     """A recipe written before the fields added since: no model.width, head.sample_rate, loss_scale,
     cpu_convolutions, data.num_streams / max_bad_records, evaluator type, or best-checkpoint fields."""
-    c = _cfg()
+    c = cpu_config()
     del c["loss_scale"], c["cpu_convolutions"], c.model["width"], c.head["sample_rate"]
     del c.data["num_streams"], c.data["max_bad_records"], c.evals.verification["type"]
     del c.checkpoint["best_metric"], c.checkpoint["best_mode"]
@@ -178,7 +168,7 @@ def test_check_fills_an_older_recipe_with_the_defaults_and_leaves_it_unchanged()
                                       ("debug_step_delay_s", "it was a test hook; a test slows a run with "
                                                              "train(..., after_step=...)")])
 def test_a_dropped_key_is_one_line_naming_what_to_do(key, hint, tmp_path, capsys):
-    c = _cfg()
+    c = cpu_config()
     c[key] = 0.5 if key == "debug_step_delay_s" else True
     with pytest.raises(ConfigError) as e:
         _check(c)
@@ -195,20 +185,20 @@ def test_a_dropped_key_is_one_line_naming_what_to_do(key, hint, tmp_path, capsys
 
 
 def test_unknown_fields_are_refused_but_another_tools_section_is_kept():
-    c = _cfg()
+    c = cpu_config()
     c.head.margin = 0.3
     with pytest.raises(ConfigError, match=r"^config.head.margin: unknown config field \(known here: \['h', 'm',"):
         _check(c)
-    c = _cfg()
+    c = cpu_config()
     c.lr_milestone = (3,)
     with pytest.raises(ConfigError, match=r"^config.lr_milestone: unknown config field"):
         _check(c)
-    c = _cfg()
+    c = cpu_config()
     del c["model"]
     c.model = "ir_50"  # a recipe that wrote the arch where the section goes
     with pytest.raises(ConfigError, match=r"^config.model='ir_50': expected a section with fields \["):
         _check(c)
-    c = _cfg()
+    c = cpu_config()
     c.study = ml_collections.ConfigDict({"steps": 3})  # e.g. the paper-in-miniature study's settings
     assert _check(c).study.steps == 3
 
@@ -233,18 +223,18 @@ class _NormProbe:
 
 def test_evaluators_by_name_type_and_the_best_metric(monkeypatch):
     from evaluation import evaluators  # noqa: PLC0415
-    c = _cfg()
+    c = cpu_config()
     c.evals.hq = ml_collections.ConfigDict({"type": "ijb", "every_epochs": 1})
     with pytest.raises(ConfigError, match=r"^config.evals.hq.type='ijb': unknown evaluator type; expected one of "
                                           r"\['verification'\]$"):
         _check(c)
-    c = _cfg()
+    c = cpu_config()
     c.evals.lfw = ml_collections.ConfigDict({"every_epochs": 1})  # no type: the name is taken for it
     with pytest.raises(ConfigError, match=r"^config.evals.lfw.type='lfw': unknown evaluator type"):
         _check(c)
 
     monkeypatch.setitem(evaluators.EVALUATORS, "norm_probe", _NormProbe)
-    c = _cfg()
+    c = cpu_config()
     c.evals.probe = ml_collections.ConfigDict({"type": "norm_probe", "every_epochs": 2})
     c.checkpoint.best_metric, c.checkpoint.best_mode = "val/probe_norm", "min"
     checked = _check(c)
@@ -258,7 +248,7 @@ def test_evaluators_by_name_type_and_the_best_metric(monkeypatch):
     with pytest.raises(ConfigError, match=r"^config.evals.probe.stride: unknown config field"):
         _check(c)
     # Two enabled evaluators may not log the same metric; a disabled one logs nothing.
-    c = _cfg()
+    c = cpu_config()
     c.evals.second = ml_collections.ConfigDict({"type": "verification", "every_epochs": 3})
     with pytest.raises(ConfigError, match=r"^config.evals.verification and config.evals.second both log "
                                           r"'val/mean_acc'"):
