@@ -882,6 +882,15 @@ def _outside(out_dir: str, src: str, what: str) -> None:
         raise InputError(f"output folder {out_dir} is inside the {what} {src}; choose a folder outside it")
 
 
+def _write_planned(plan, out_dir: str, channel_order: str, skip_corrupt: bool, verify: bool, force: bool,
+                   **kwargs) -> dict:
+    """A folder's or a list's plan, with the options both converters take, written as TFRecords."""
+    plan.channel_order, plan.params["skip_corrupt"] = channel_order, skip_corrupt
+    if not verify:
+        plan.params["verify"] = False
+    return write_dataset(plan, out_dir, force=force, **kwargs)
+
+
 def convert_folder(root: str, out_dir: str, *, channel_order: str = "RGB", skip_corrupt: bool = False,
                    force: bool = False, verify: bool = True, **kwargs) -> dict:
     """An image folder (ROOT/<identity>/<images>, see the module doc for what is refused or skipped) -> TFRecords."""
@@ -889,10 +898,7 @@ def convert_folder(root: str, out_dir: str, *, channel_order: str = "RGB", skip_
     _outside(out_dir, root, "image folder")
     check_output_dir(out_dir, {"kind": "folder", "path": root}, force, name=kwargs.get("name", "faces"))
     plan = plan_folder(root, skip_corrupt)
-    plan.channel_order, plan.params["skip_corrupt"] = channel_order, skip_corrupt
-    if not verify:
-        plan.params["verify"] = False
-    return write_dataset(plan, out_dir, force=force, **kwargs)
+    return _write_planned(plan, out_dir, channel_order, skip_corrupt, verify, force, **kwargs)
 
 
 def convert_list(list_path: str, out_dir: str, *, root: str | None = None, channel_order: str = "RGB",
@@ -900,7 +906,4 @@ def convert_list(list_path: str, out_dir: str, *, root: str | None = None, chann
     list_path = io.check_path(list_path, "list file")
     check_output_dir(out_dir, {"kind": "list", "path": list_path}, force, name=kwargs.get("name", "faces"))
     plan = plan_list(list_path, root)
-    plan.channel_order, plan.params["skip_corrupt"] = channel_order, skip_corrupt
-    if not verify:
-        plan.params["verify"] = False
-    return write_dataset(plan, out_dir, force=force, **kwargs)
+    return _write_planned(plan, out_dir, channel_order, skip_corrupt, verify, force, **kwargs)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from adaface_jax.cli import main
 from tests.support.datasets import write_small_dataset
-from tests.support.torch_reference import build_backbone, randomize_
+from tests.support.torch_reference import build_backbone, randomize_, save_released
 
 
 class RunsCode:
@@ -29,7 +29,7 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli_errors")
     backbone = randomize_(build_backbone("ir_18"), seed=1).eval()
     good = tmp / "good.ckpt"
-    torch.save({"state_dict": {"model." + k: v for k, v in backbone.state_dict().items()}}, good)
+    save_released(backbone.state_dict(), good)
     data = good.read_bytes()
     truncated = tmp / "truncated.ckpt"
     truncated.write_bytes(data[: len(data) // 2])
@@ -44,13 +44,11 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def converted_ir18(tmp_path_factory):
-    """A random ir_18 in the released layout, converted with `adaface-jax convert`; also the torch model."""
-    d = tmp_path_factory.mktemp("ir18")
-    tm = randomize_(build_backbone("ir_18"), seed=3).eval()
-    torch.save({"state_dict": {f"model.{k}": v for k, v in tm.state_dict().items()}}, d / "released.ckpt")
-    assert main(["convert", str(d / "released.ckpt"), str(d / "converted")]) == 0
-    return str(d / "converted"), tm
+def converted_ir18(released, tmp_path_factory):
+    """``released`` converted with `adaface-jax convert`, and its PyTorch model."""
+    converted = tmp_path_factory.mktemp("ir18") / "converted"
+    assert main(["convert", str(released["path"]), str(converted)]) == 0
+    return str(converted), released["backbone"]
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +57,7 @@ def released(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("photos")
     backbone = randomize_(build_backbone("ir_18"), seed=3).eval()
     path = tmp / "model.ckpt"
-    torch.save({"state_dict": {"model." + k: v for k, v in backbone.state_dict().items()}}, path)
+    save_released(backbone.state_dict(), path)
     return dict(tmp=tmp, path=path, backbone=backbone)
 
 

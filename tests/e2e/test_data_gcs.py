@@ -17,12 +17,11 @@ from adaface_jax import io
 from data_pipeline import prepare, recordio
 from data_pipeline.manifest import read_manifest
 from tests.support.data_fixtures import jpeg, read_tfrecord_examples
-from tests.support.cli_fixtures import fail, ok
+from tests.support.cli_fixtures import CLI, fail, ok
 from tests.support.datasets import KILLED_CHILD, identities
 from tests.support import REPO as REPO_ROOT
 
 REPO = str(REPO_ROOT)
-CLI = [sys.executable, "-c", "import sys; from adaface_jax.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def cli(gcs_server, tmp_path, *argv, code=None, child=None):

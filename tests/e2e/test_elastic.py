@@ -8,7 +8,6 @@ uninterrupted train(), validation) and one 4 x 1 launch (batches); 1 x 4 runs in
 import os
 import shutil
 import struct
-import sys
 
 import jax
 import numpy as np

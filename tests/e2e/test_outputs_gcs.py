@@ -11,18 +11,17 @@ into the bucket), so its few MB upload and compile in seconds."""
 import json
 import os
 import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
 from adaface_jax import io
+from tests.support.cli_fixtures import CLI
 from tests.support.eval_fixtures import FEATS, small_meta
 from tests.support import REPO as REPO_ROOT
 
 REPO = str(REPO_ROOT)
-CLI = [sys.executable, "-c", "import sys; from adaface_jax.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def cli(gcs_server, cwd, *argv):

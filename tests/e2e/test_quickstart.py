@@ -48,7 +48,10 @@ def test_quickstart_learns_and_reports_what_its_checkpoint_gives(tmp_path, capsy
     val_bin = str(work / "data" / "synthetic_val.bin")
     assert len(load_bin(val_bin)[1]) == 100
     model = load_pretrained(str(work / "run"))
-    assert flip_fused_accuracy(model.module, model.variables, val_bin) == after
+    # Two float32 programs (jitted here, op by op there) may round a pair's distance across a threshold step on
+    # another CPU: at most one of the 100 pairs, 0.01 of the 10-fold mean. An untrained or stale checkpoint
+    # is off by far more.
+    assert abs(flip_fused_accuracy(model.module, model.variables, val_bin) - after) <= 0.01 + 1e-9
 
 
 # --- files: every path through adaface_jax.io, local or gs:// ------------------------------------------------

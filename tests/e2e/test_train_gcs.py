@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -26,11 +25,11 @@ import numpy as np
 import pytest
 
 from adaface_jax import io
-from tests.support.cli_fixtures import slowed_cli
 from tests.support import REPO as REPO_ROOT
+from tests.support.cli_fixtures import CLI, slowed_cli
+from tests.support.gcs_server import KNOWN_REFUSED, activity_between
 
 REPO = str(REPO_ROOT)
-CLI = [sys.executable, "-c", "import sys; from adaface_jax.cli import main; sys.exit(main(sys.argv[1:]))"]
 CONFIG = os.path.join(REPO, "configs", "cpu_synthetic.py")
 CLASSES, PER_CLASS, BATCH = 4, 8, 8
 SPE = CLASSES * PER_CLASS // BATCH  # steps per epoch
@@ -111,9 +110,8 @@ def assert_no_scheme_folders(tmp_path):
 def assert_server_clean(server, before):
     """Since the ``server.log(requests=0)`` snapshot ``before``: nothing refused (a request off loopback), no GCE
     metadata probe, no handler error."""
-    from tests.support.test_gcs_server import KNOWN_REFUSED  # noqa: PLC0415  (refused attempts of other tests' libraries)
-    after = server.log(requests=0)
-    new = {key: after[key][len(before[key]):] for key in ("refused", "metadata", "errors")}
+    new = activity_between(before, server.log(requests=0))
+    del new["connects"]
     new["refused"] = [r for r in new["refused"] if r["target"] not in KNOWN_REFUSED]
     assert new == {"refused": [], "metadata": [], "errors": []}, new
 

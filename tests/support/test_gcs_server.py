@@ -17,24 +17,12 @@ import tensorflow as tf
 # other tests import TF first): the server must work all the same.
 assert not tf.io.gfile.exists(os.path.join(os.path.dirname(__file__), "no-such-file"))
 
-from tests.support.gcs_server import SERVED_HOSTS, GcsServer  # noqa: E402
+from tests.support.gcs_server import KNOWN_REFUSED, SERVED_TARGETS, GcsServer, activity_between  # noqa: E402
 from tests.support import REPO
-
-SERVED_TARGETS = {f"{host}:443" for host in SERVED_HOSTS}
-# Attempts to leave loopback that other tests of the session make, which the proxy refuses: onnxruntime's native
-# library (libonnxruntime.so, imported by the export tests) sends telemetry there, at times, even after
-# ort.disable_telemetry_events(). Open: stop it at its source, then empty this.
-KNOWN_REFUSED = {"mobile.events.data.microsoft.com:443": "onnxruntime's telemetry"}
 
 
 def _blob(n, seed=0):
     return np.random.default_rng(seed).bytes(n)
-
-
-def _new(before, after):
-    """What the server recorded between two ``log()`` snapshots."""
-    return {"connects": set(after["connects"]) - set(before["connects"]),
-            **{key: after[key][len(before[key]):] for key in ("refused", "metadata", "errors")}}
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +37,7 @@ def _stays_on_loopback(request):
     yield
     if getattr(request.function, "expects_refusals", False):
         return
-    new = _new(before, server.log(requests=0))
+    new = activity_between(before, server.log(requests=0))
     assert new["connects"] <= SERVED_TARGETS | set(KNOWN_REFUSED), new
     assert [r for r in new["refused"] if r["target"] not in KNOWN_REFUSED] == [], new
     assert new["metadata"] == [] and new["errors"] == [], new
@@ -266,7 +254,7 @@ def test_proxy_refuses_other_hosts(gcs_server):
     with socket.create_connection(("127.0.0.1", gcs_server.port), timeout=10) as s:  # a served host, port 80
         s.sendall(b"CONNECT www.googleapis.com:80 HTTP/1.1\r\nHost: www.googleapis.com:80\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.1 403")
-    new = _new(before, gcs_server.log(requests=0))
+    new = activity_between(before, gcs_server.log(requests=0))
     assert [(r["kind"], r["target"]) for r in new["refused"]] == [
         ("CONNECT", "example.com:443"), ("absolute-form", "http://example.com/"), ("CONNECT", "www.googleapis.com:80")]
     assert new["connects"] == {"example.com:443", "www.googleapis.com:80"}

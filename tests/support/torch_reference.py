@@ -179,26 +179,37 @@ class AdaFace(nn.Module):
         return cosine * self.s
 
 
-class ArcFace(nn.Module):
-    def __init__(self, embedding_size=512, classnum=70722, s=64.0, m=0.5):
+class _FixedMargin(nn.Module):
+    """The original's ArcFace and CosFace heads share their kernel and clamped cosine; only the margin differs."""
+
+    def __init__(self, embedding_size, classnum, s, m):
         super().__init__()
         self.kernel = nn.Parameter(init_kernel(embedding_size, classnum))
         self.m, self.s, self.eps = m, s, 1e-4
 
-    def forward(self, embeddings, norms, label):
+    def cosine_and_margin(self, embeddings, label):
         cosine = (embeddings @ l2_norm(self.kernel, 0)).clamp(-1 + self.eps, 1 - self.eps)
-        m_hot = torch.zeros_like(cosine).scatter_(1, label.reshape(-1, 1), self.m)
+        return cosine, torch.zeros_like(cosine).scatter_(1, label.reshape(-1, 1), self.m)
+
+
+class ArcFace(_FixedMargin):
+    def __init__(self, embedding_size=512, classnum=70722, s=64.0, m=0.5):
+        super().__init__(embedding_size, classnum, s, m)
+
+    def forward(self, embeddings, norms, label):
+        cosine, m_hot = self.cosine_and_margin(embeddings, label)
         theta_m = torch.clip(cosine.acos() + m_hot, min=self.eps, max=math.pi - self.eps)
         return theta_m.cos() * self.s
 
 
-class CosFace(nn.Module):
+class CosFace(_FixedMargin):
     def __init__(self, embedding_size=512, classnum=70722, s=64.0, m=0.4):
-        super().__init__()
-        self.kernel = nn.Parameter(init_kernel(embedding_size, classnum))
-        self.m, self.s, self.eps = m, s, 1e-4
+        super().__init__(embedding_size, classnum, s, m)
 
     def forward(self, embeddings, norms, label):
-        cosine = (embeddings @ l2_norm(self.kernel, 0)).clamp(-1 + self.eps, 1 - self.eps)
-        m_hot = torch.zeros_like(cosine).scatter_(1, label.reshape(-1, 1), self.m)
+        cosine, m_hot = self.cosine_and_margin(embeddings, label)
         return (cosine - m_hot) * self.s
+
+def save_released(state_dict, path):
+    """``state_dict`` (a backbone's) saved as the released AdaFace checkpoints are: ``{'state_dict': {'model.*'}}``."""
+    torch.save({"state_dict": {"model." + k: v for k, v in state_dict.items()}}, path)

@@ -16,7 +16,7 @@ from adaface_jax.convert import (CheckpointMismatchError, CheckpointReadError, U
 from adaface_jax.heads import AdaFaceState
 from adaface_jax.inference import load_pretrained, to_input
 from adaface_jax.weights import load_weights
-from tests.support.torch_reference import AdaFace, build_backbone, randomize_
+from tests.support.torch_reference import AdaFace, build_backbone, randomize_, save_released
 
 NUM_CLASSES = 10
 
@@ -282,7 +282,7 @@ def test_backbone_only_and_bare_state_dicts(reference, tmp_path):
     arch, size, variables, head, _ = state_dict_to_variables(bare)
     assert (arch, size, head) == ("ir_18", 112, None)
     path = tmp_path / "backbone.ckpt"
-    torch.save({"state_dict": {"model." + k: v for k, v in bare.items()}}, path)
+    save_released(bare, path)
     out = tmp_path / "conv"
     assert main(["convert", str(path), str(out), "--arch", "ir_18"]) == 0
     assert json.loads((out / "adaface_meta.json").read_text())["head_num_classes"] is None

@@ -12,7 +12,7 @@ import torch
 from adaface_jax.cli import main
 from adaface_jax.inference import load_pretrained
 from evaluation import calibration
-from tests.support.torch_reference import build_backbone, randomize_
+from tests.support.torch_reference import build_backbone, randomize_, save_released
 
 onnx = pytest.importorskip("onnx", reason="the [export] extra (onnx, onnxruntime) is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the [export] extra (onnx, onnxruntime) is not installed")
@@ -26,7 +26,7 @@ def released(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     backbone = randomize_(build_backbone("ir_18"), seed=5).eval()
     ckpt = tmp / "adaface_ir18_random.ckpt"
-    torch.save({"state_dict": {"model." + k: v for k, v in backbone.state_dict().items()}}, ckpt)
+    save_released(backbone.state_dict(), ckpt)
     converted = tmp / "converted"
     assert main(["convert", str(ckpt), str(converted)]) == 0
     return dict(tmp=tmp, ckpt=ckpt, converted=converted, backbone=backbone, model=load_pretrained(str(converted)))
