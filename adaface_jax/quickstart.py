@@ -14,6 +14,7 @@ finished quickstart -- is removed when a run starts and written last.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -91,10 +92,12 @@ def run_quickstart(workdir: str, *, config_path: str | None = None, overrides: d
     images, issame = load_bin(val_bin)
     quality = np.load(io.readable(val_quality))
 
-    # 2. the untrained network: the exact initial state training starts from
+    # 2. the untrained network: the exact initial state training starts from. Jitted, as the trainer's init is
+    # (train.setup.init_state): op by op, XLA rounds some initialisers one ulp differently, and takes longer.
     model = build_backbone(config, 1)
-    params, batch_stats, _ = init_variables(model, jax.random.PRNGKey(config.seed), config.num_classes,
-                                            embedding_size=config.model.embedding_size)
+    init = functools.partial(init_variables, model, num_classes=config.num_classes,
+                             image_size=config.data.image_size, embedding_size=config.model.embedding_size)
+    params, batch_stats, _ = jax.jit(init)(jax.random.PRNGKey(config.seed))
     print("[2/4] scoring the untrained network on held-out identities")
     feats0, norms0 = extract_features(model, {"params": params["backbone"], "batch_stats": batch_stats}, images,
                                       batch_size=config.evals.verification.batch_size, progress=False)

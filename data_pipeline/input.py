@@ -1,21 +1,16 @@
 """tf.data training input: logical streams -> per-stream shard pieces -> interleave -> seeded per-epoch shuffle
 -> rows of the global batch -> batch -> decode -> augment, yielding this process's numpy rows.
 
-Topology-independent ("elastic") layout. The records (shards in manifest order, concatenated) are split into
-S = gcd(num_streams, global_batch_size) logical streams of contiguous record ranges, stream s holding records
-[s*N//S, (s+1)*N//S). Each stream reads its range (the pieces of the shards it covers), in an order of pieces
-and with a shuffle keyed by (seed, epoch, stream), and supplies R = B/S consecutive rows of every global batch:
-global row j of a step is row j mod R of stream j // R. Process p of P runs the contiguous block of streams
-[p*S/P, (p+1)*S/P), so its rows are the contiguous block [p*B/P, (p+1)*B/P) of the global batch -- exactly what
-``adaface_jax.parallel.host_to_global`` assembles (process rows in process order). The process count must divide
-S. Steps per epoch = min over streams of (records in stream) // R, which does not depend on P either.
-Augmentation draws are keyed per image by (seed, epoch, global position in the epoch). So the global batches --
-records, order and augmentation -- are the same for any number of processes and devices, each process reads,
-decodes and augments only its own rows, and a run can resume on another topology at the exact next batch.
+The layout is ``data_pipeline.streams``'s (topology-independent: S logical streams of contiguous record ranges,
+each supplying R = B/S rows of every global batch, process p running a contiguous block of them, so its rows are
+its contiguous block of the global batch). Augmentation draws are keyed per image by (seed, epoch, global
+position in the epoch). So the global batches -- records, order and augmentation -- are the same for any number
+of processes and devices, each process reads, decodes and augments only its own rows, and a run can resume on
+another topology at the exact next batch.
 
 A process reads only the records of its streams: a stream that starts inside a shard seeks to its first record
 (byte offsets found once per run from the records' length fields), so the bytes read per epoch are the
-process's share plus read-buffer overshoot (``io_amplification`` computes the figure).
+process's share plus read-buffer overshoot (``streams.io_amplification`` computes the figure).
 
 Starting at `start_step` yields exactly the batch that step had in an uninterrupted run (the skipped records
 of the epoch are read and shuffled but not decoded: resuming late in a 5.8M-image epoch spends some seconds).
@@ -35,8 +30,6 @@ placeholder) is replaced by the next good image of the batch with its label, and
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 
 import cv2
@@ -49,6 +42,9 @@ from adaface_jax import io
 from . import augment as augment_lib
 from .manifest import read_manifest, shard_paths
 from .pixels import normalize_pixels_tf
+# the layout, re-exported: callers that build the pipeline import it from here too
+from .streams import (TrainInputConfig, _piece_buffer, effective_streams, host_assignment, io_amplification,
+                      process_streams, steps_per_epoch, stream_layout)
 from .tfrecord import IMAGE_KEY, LABEL_KEY, parse_features
 
 __all__ = ["TrainInputConfig", "make_train_dataset", "make_train_iterator", "steps_per_epoch", "read_manifest",
@@ -66,110 +62,6 @@ def hide_gpus_from_tf() -> None:
         except RuntimeError:  # already initialised: devices can no longer change
             pass
         _GPU_HIDDEN = True
-
-
-@dataclasses.dataclass
-class TrainInputConfig:
-    data_dir: str
-    global_batch_size: int
-    seed: int = 0
-    process_index: int = 0
-    process_count: int = 1
-    augment: bool = True
-    crop_prob: float = 0.2
-    lowres_prob: float = 0.2
-    photometric_prob: float = 0.2
-    flip_prob: float = 0.5
-    shuffle_buffer: int = 16384  # records in all the streams' shuffle buffers together (split evenly)
-    num_parallel_calls: int = -1  # tf.data.AUTOTUNE
-    image_size: int = 112
-    cycle_length: int = 4  # shard pieces each stream reads at once
-    prefetch_batches: int = 2
-    threads: int | None = None  # size of a private tf.data thread pool (None: TensorFlow's default)
-    num_streams: int = 64  # logical input streams (the effective count is gcd(num_streams, global_batch_size))
-    # Reads in flight: None = tf.data.AUTOTUNE for a gs:// dataset (each read waits tens of ms on the bucket, so
-    # sequential reads would starve the decoders), 0 = sequential (a local disk: parallel reading costs CPU per
-    # row and gains nothing there), n > 0 = n. The batches are the same for every setting (deterministic order).
-    parallel_reads: int | None = None
-
-    @property
-    def local_batch_size(self) -> int:
-        if self.global_batch_size % self.process_count:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by "
-                             f"process_count {self.process_count}")
-        return self.global_batch_size // self.process_count
-
-
-def effective_streams(num_streams: int, global_batch_size: int) -> int:
-    """The number of logical streams: gcd(num_streams, global_batch_size), so each supplies B/S rows a step."""
-    if int(num_streams) < 1:
-        raise ValueError(f"num_streams={num_streams}: expected a positive integer")
-    return math.gcd(int(num_streams), int(global_batch_size))
-
-
-def stream_layout(manifest: dict, num_streams: int) -> list[list[tuple[int, int, int]]]:
-    """For each stream, its pieces (shard id, records to skip in the shard, records to take): stream s holds
-    the global records [s*N//S, (s+1)*N//S) of the shards concatenated in manifest order."""
-    counts = [int(s["num_images"]) for s in manifest["shards"]]
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    total = int(starts[-1])
-    layout = []
-    for s in range(num_streams):
-        lo, hi = s * total // num_streams, (s + 1) * total // num_streams
-        pieces = []
-        for k, count in enumerate(counts):
-            a, b = max(lo, int(starts[k])), min(hi, int(starts[k]) + count)
-            if a < b:
-                pieces.append((k, a - int(starts[k]), b - a))
-        layout.append(pieces)
-    return layout
-
-
-def process_streams(num_streams: int, process_index: int, process_count: int) -> range:
-    """The contiguous block of streams one process runs; the process count must divide the stream count."""
-    if num_streams % process_count:
-        raise ValueError(f"num_streams: {process_count} processes do not divide the {num_streams} input streams "
-                         f"(gcd of data.num_streams and the global batch); use a process count that divides it")
-    per = num_streams // process_count
-    return range(process_index * per, (process_index + 1) * per)
-
-
-def host_assignment(manifest: dict, process_index: int, process_count: int, num_streams: int = 64,
-                    global_batch_size: int | None = None) -> tuple[list[int], list[int], int]:
-    """(shard ids this process reads, the streams it runs, the records those streams hold)."""
-    streams_total = effective_streams(num_streams, global_batch_size) if global_batch_size else num_streams
-    layout = stream_layout(manifest, streams_total)
-    streams = list(process_streams(streams_total, process_index, process_count))
-    shards = sorted({k for s in streams for k, _, _ in layout[s]})
-    return shards, streams, sum(t for s in streams for _, _, t in layout[s])
-
-
-def _piece_buffer(piece_bytes: float) -> int:
-    """Read buffer of a piece: its size plus 1/16 (one read when the records are near the shard's mean size),
-    within [16 KiB, 1 MiB]. A read fills the whole buffer, so a piece reads at most ceil(size/buffer) buffers."""
-    return int(min(1 << 20, max(16 << 10, piece_bytes * 17 // 16)))
-
-
-def io_amplification(manifest: dict, num_streams: int, global_batch_size: int, process_count: int) -> float:
-    """Max over processes of (bytes a process reads per epoch) / (dataset bytes / process_count).
-
-    Each piece starts at its first record's byte offset (found once per run, see record_offsets) and reads whole
-    buffers (ceil(piece bytes / buffer) of them, up to the end of the shard); bytes are taken proportional to
-    records within a shard (its num_bytes; records count as equal without it)."""
-    streams_total = effective_streams(num_streams, global_batch_size)
-    layout = stream_layout(manifest, streams_total)
-    sizes = [float(s.get("num_bytes") or s["num_images"]) / max(1, int(s["num_images"])) for s in manifest["shards"]]
-    total = sum(size * int(s["num_images"]) for size, s in zip(sizes, manifest["shards"]))
-    worst = 0.0
-    for p in range(process_count):
-        read = 0.0
-        for s in process_streams(streams_total, p, process_count):
-            for k, skip, take in layout[s]:
-                piece, buffer = sizes[k] * take, _piece_buffer(sizes[k] * take)
-                rest = sizes[k] * (int(manifest["shards"][k]["num_images"]) - skip)  # bytes from the offset on
-                read += min(rest, math.ceil(piece / buffer) * buffer)
-        worst = max(worst, read / (total / process_count))
-    return worst
 
 
 class _TFRecordsFromOffset(tf.data.Dataset):
@@ -227,18 +119,6 @@ def _piece_offsets(files: list[str], layout, streams) -> dict[tuple[int, int], i
         for i in skips:
             out[(k, i)] = found.get(i, 0)
     return out
-
-
-def steps_per_epoch(cfg: TrainInputConfig, manifest: dict | None = None) -> int:
-    """min over streams of (records in the stream) // (rows per stream and step); the same for any process count."""
-    manifest = manifest or read_manifest(cfg.data_dir)
-    streams = effective_streams(cfg.num_streams, cfg.global_batch_size)
-    rows = cfg.global_batch_size // streams
-    steps = min(sum(t for _, _, t in pieces) for pieces in stream_layout(manifest, streams)) // rows
-    if steps <= 0:
-        raise ValueError(f"{cfg.data_dir}: {manifest['num_images']} images are too few for a global batch of "
-                         f"{cfg.global_batch_size} from {streams} input streams (each needs {rows} images)")
-    return steps
 
 
 def decode_any(encoded):

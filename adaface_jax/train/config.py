@@ -19,6 +19,7 @@ import ml_collections
 
 from adaface_jax import io
 from adaface_jax.errors import ConfigError, InputError
+from data_pipeline.streams import effective_streams
 
 PRECISIONS = ("float32", "bfloat16", "float16")  # backbone compute; parameters, head and loss stay float32
 DATA_SOURCES = ("tfrecord", "random")
@@ -323,7 +324,6 @@ def _check_training(c, num_devices: int, process_count: int, manifest: Optional[
     if batch <= 0 or batch % num_devices:
         raise ConfigError(f"config.global_batch_size={batch} is not divisible by the device count {num_devices}")
     if d.source == "tfrecord" and process_count > 1:
-        from data_pipeline.input import effective_streams  # noqa: PLC0415  (only multi-process runs need it)
         streams = effective_streams(d.num_streams, batch)
         if streams % process_count:
             raise ConfigError(f"config.data.num_streams={d.num_streams}: the {streams} input streams (gcd of "

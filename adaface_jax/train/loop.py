@@ -25,10 +25,9 @@ from adaface_jax.train.config import check_config, precision_of_saved_config
 from adaface_jax.train.setup import build_trainer
 from adaface_jax.train.state import TrainState
 from adaface_jax.weights import load_weights
-from data_pipeline.input import (TrainInputConfig, effective_streams, hide_gpus_from_tf, make_train_iterator,
-                                 save_augmentation_grid)
-from data_pipeline.input import steps_per_epoch as pipeline_spe
 from data_pipeline.manifest import read_manifest
+from data_pipeline.streams import TrainInputConfig, effective_streams
+from data_pipeline.streams import steps_per_epoch as pipeline_spe
 from adaface_jax.run_dir import RunDir
 from evaluation.evaluators import EVALUATORS
 
@@ -243,6 +242,8 @@ def make_input(config, start_step: int) -> Iterator[dict]:
     local_batch = config.global_batch_size // jax.process_count()
     if config.data.source == "random":
         return random_batches(config, start_step, local_batch)
+    # TensorFlow costs seconds of start-up: imported only for a TFRecord dataset
+    from data_pipeline.input import hide_gpus_from_tf, make_train_iterator  # noqa: PLC0415
     hide_gpus_from_tf()
     return make_train_iterator(input_config(config), start_step=start_step)
 
@@ -408,6 +409,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
 
     start = int(jax.device_get(state.step))
     if start == 0 and config.sample_grid and config.data.source == "tfrecord" and jax.process_index() == 0:
+        from data_pipeline.input import save_augmentation_grid  # noqa: PLC0415  (TensorFlow, as in make_input)
         save_augmentation_grid(config.data.data_dir, run_dir.training_samples)
     batches = make_input(config, start)
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,

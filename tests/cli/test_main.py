@@ -1,8 +1,6 @@
 """What every command shares: one-line usage and input errors, --debug tracebacks, bugs keep theirs, and the
 refusals and path-argument checks common to many commands."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,16 +25,16 @@ def test_usage_errors_are_one_line(capsys):
     assert "expected a positive integer, got 0" in capsys.readouterr().err
 
 
-def test_debug_shows_the_traceback_and_bugs_keep_theirs(files, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "ADAFACE_DEBUG"}
-    cmd = [sys.executable, "-m", "adaface_jax.cli", "convert", str(files["text"]), str(tmp_path / "o")]
-    plain = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert plain.returncode == 1 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
-    debug = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], env=env, capture_output=True, text=True, timeout=120)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr
-    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
-    via_env = subprocess.run(cmd, env={**env, "ADAFACE_DEBUG": "1"}, capture_output=True, text=True, timeout=120)
-    assert "Traceback" in via_env.stderr
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ADAFACE_DEBUG", raising=False)
+    argv = ["convert", str(files["text"]), str(tmp_path / "o")]
+    plain = fail(capsys, argv, str(files["text"]))
+    assert main(["--debug", *argv]) == 1
+    debug = capsys.readouterr().err
+    assert "Traceback" in debug and debug.strip().splitlines()[-1] == plain
+    monkeypatch.setenv("ADAFACE_DEBUG", "1")
+    assert main(argv) == 1
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):

@@ -3,8 +3,9 @@
 `synthesize` into a bucket; the training input reading a gs:// dataset gives the same batches as its local copy;
 `check` refuses a gs:// folder without a manifest; `prepare rec|folder|bin` read their sources from a bucket.
 
-The commands run as `adaface-jax` subprocesses with the server's environment; in-process calls (the input
-pipeline, reading results) reach the same server through the environment the gcs_server fixture sets."""
+The killed `prepare` and the refusing `check` run as `adaface-jax` subprocesses with the server's environment (a
+fresh process: its whole stderr is the one line); the other commands and the in-process calls (the input pipeline,
+reading results) reach the same server through the environment the gcs_server fixture sets."""
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from adaface_jax import io
 from data_pipeline import prepare, recordio
 from data_pipeline.manifest import read_manifest
 from tests.support.data_fixtures import jpeg, read_tfrecord_examples
+from adaface_jax.cli import main
 from tests.support.cli_fixtures import CLI, fail, ok
 from tests.support.datasets import KILLED_CHILD, identities
 from tests.support import REPO as REPO_ROOT
@@ -43,11 +45,13 @@ def one_error_line(proc, command, *needles):
     return lines[0]
 
 
-def succeeded(proc) -> dict:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not [line for line in proc.stderr.splitlines() if line.strip()], proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    return json.loads(last) if last.startswith("{") else last
+def succeeded_here(capsys, argv) -> dict:
+    """`adaface-jax ARGV` in this process: exit 0, nothing on stderr; its JSON summary line."""
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 0 and not err.strip(), err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_prepare_into_a_bucket_killed_refused_resumed_and_checked(gcs_server, gcs_bucket, tmp_path, capsys):
@@ -58,20 +62,20 @@ def test_prepare_into_a_bucket_killed_refused_resumed_and_checked(gcs_server, gc
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not io.exists(f"{out}/manifest.json")
     assert len(io.glob(out, "faces-train.tfrecord-*")) == 2
-    # (in this process: each child pays ~10 s of interpreter and TensorFlow start-up on the test machine)
+    # (the rest in this process: each child pays ~10 s of interpreter and TensorFlow start-up)
     fail(capsys, ["check", out], f"{out}/manifest.json not found", f"unfinished conversion of folder {src}",
          "2 shard(s) finished")
-    resumed = succeeded(cli(gcs_server, tmp_path, *argv))
+    resumed = succeeded_here(capsys, argv)
     assert resumed["resumed_shards"] == 2 and resumed["num_images"] == 12 and resumed["out"] == out
     assert "OK, 12 records in 4 shard(s)" in ok(capsys, ["check", out, "--no-progress"])
     manifest = read_manifest(out)
     assert manifest["source"]["path"] == src and not io.exists(f"{out}/.progress/source.json")
 
 
-def test_synthesize_into_a_bucket(gcs_server, gcs_bucket, tmp_path):
+def test_synthesize_into_a_bucket(gcs_bucket, capsys):
     out = f"{gcs_bucket}/syn"
-    result = succeeded(cli(gcs_server, tmp_path, "synthesize", out, "--identities", "3", "--images-per-identity",
-                           "2", "--val-identities", "2", "--val-pairs", "4"))
+    result = succeeded_here(capsys, ["synthesize", out, "--identities", "3", "--images-per-identity", "2",
+                                     "--val-identities", "2", "--val-pairs", "4"])
     assert result["out"] == out and result["num_images"] == 6
     assert result["verification"]["bin"] == f"{out}/synthetic_val.bin"
     from data_pipeline.bin_reader import load_bin

@@ -16,7 +16,7 @@ import pytest
 from tests.support import process_group
 from tests.support.elastic_worker import BATCH, STEPS, STOP_AT, TOTAL, elastic_config, recording_train
 
-TIMEOUT_S = 420  # processes start, compile and talk over gloo on 2 shared cores
+TIMEOUT_S = 240  # processes start, compile and talk over gloo on 2 shared cores (~40 s when all goes well)
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -37,7 +37,7 @@ def run_workers(nproc, ndev, data_dir, out, mode):
     """tests/support/elastic_worker.py as ``nproc`` processes of ``ndev`` devices each."""
     process_group.run_workers("elastic_worker.py", nproc,
                              lambda pid, port: [pid, nproc, port, ndev, data_dir, out, mode], f"{nproc}x{ndev}",
-                             timeout_s=TIMEOUT_S)
+                             timeout_s=TIMEOUT_S, out=out)
 
 
 @pytest.fixture(scope="module")

@@ -4,32 +4,44 @@ protocol folder in a bucket, `embed` photos from and features into a bucket, `ex
 suffix, a PyTorch .ckpt, a SavedModel folder), `calibrate` storing into a model in a bucket, `convert` into a bucket,
 and the refusal of paths the file layer does not serve (`s4://`, `gs:/one-slash`).
 
-The commands run as `adaface-jax` subprocesses with the server's environment (each pays the interpreter, JAX and
-TensorFlow start-up); in-process calls (writing inputs, reading results) reach the same server through the
-environment the gcs_server fixture sets. The model is an ir_18 at width 8 (a converted directory written straight
-into the bucket), so its few MB upload and compile in seconds."""
+The commands run in this process through `adaface_jax.cli.main`, as `adaface-jax` would run them, each in a
+folder of its own; they, and the calls that write inputs and read results, reach the server through the
+environment the gcs_server fixture sets. (A child process would add ~10 s of interpreter, JAX and TensorFlow
+start-up to each command; what is tested here is where the files go, not the process boundary.) The model is an
+ir_18 at width 8 (a converted directory written straight into the bucket), so its few MB upload and compile in
+seconds."""
+import contextlib
+import dataclasses
 import json
 import os
-import subprocess
 
 import cv2
 import numpy as np
 import pytest
 
 from adaface_jax import io
-from tests.support.cli_fixtures import CLI
+from adaface_jax.cli import main
 from tests.support.eval_fixtures import FEATS, small_meta
-from tests.support import REPO as REPO_ROOT
-
-REPO = str(REPO_ROOT)
 
 
-def cli(gcs_server, cwd, *argv):
-    """`adaface-jax ARGV` in a child process with the server's environment, run in ``cwd`` (where nothing may
-    appear: no folder named after a URL scheme, no stray output)."""
-    env = {**os.environ, **gcs_server.env, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": "",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    return subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=300, env=env, cwd=str(cwd))
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(cwd, *argv)``: `adaface-jax ARGV` run in ``cwd`` (where nothing may appear: no folder named after a
+    URL scheme, no stray output); its exit code and what it printed."""
+    def run(cwd, *argv):
+        capsys.readouterr()
+        with contextlib.chdir(cwd):
+            rc = main(list(argv))
+        out, err = capsys.readouterr()
+        return Result(rc, out, err)
+    return run
 
 
 def ok(proc):
@@ -39,7 +51,7 @@ def ok(proc):
 
 
 def one_error_line(proc, command, *needles):
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "GOOGLE_AUTH_TOKEN_FOR_TESTING" not in line]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith(f"adaface-jax {command}: error: ") and "Traceback" not in proc.stderr
     for needle in needles:
@@ -100,11 +112,11 @@ def test_the_model_in_the_bucket_is_a_finished_converted_directory(bucket):
     assert any(n.startswith("checkpoint/") for n in names_under(f"{bucket}/model"))
 
 
-def test_evaluate_with_every_path_in_a_bucket(gcs_server, bucket, tmp_path):
+def test_evaluate_with_every_path_in_a_bucket(cli, bucket, tmp_path):
     from evaluation import verification
 
     run = f"{bucket}/eval1"
-    proc = cli(gcs_server, tmp_path, "evaluate", "--protocol", "hq", "--checkpoint", f"{bucket}/model",
+    proc = cli(tmp_path, "evaluate", "--protocol", "hq", "--checkpoint", f"{bucket}/model",
                "--bin", f"{bucket}/lfw.bin", "--out", f"{run}/res", "--cache-dir", f"{run}/cache",
                "--save-features", f"{run}/feats.npz", "--batch-size", "8", "--nrof-folds", "2", "--no-flip")
     assert f"results written to {run}/res" in ok(proc)
@@ -123,9 +135,7 @@ def test_evaluate_with_every_path_in_a_bucket(gcs_server, bucket, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing local: no 'gs:' folder, no results/ folder
 
 
-def test_evaluate_an_ijbc_protocol_folder_in_a_bucket(gcs_server, bucket, tmp_path):
-    from adaface_jax.cli import main
-
+def test_evaluate_an_ijbc_protocol_folder_in_a_bucket(cli, bucket, tmp_path):
     local = tmp_path / "local"
     small_meta(local)
     norms = np.linalg.norm(FEATS, axis=1, keepdims=True)
@@ -140,26 +150,26 @@ def test_evaluate_an_ijbc_protocol_folder_in_a_bucket(gcs_server, bucket, tmp_pa
     work = tmp_path / "cwd"
     work.mkdir()
     argv = ["evaluate", "--protocol", "ijbc", "--features", f"{data}/f.npz", "--data", data]
-    ok(cli(gcs_server, work, *argv, "--out", f"{data}/res"))
+    ok(cli(work, *argv, "--out", f"{data}/res"))
     got = json.loads(io.read_text(f"{data}/res/results.json"))["results"]
     assert got == want and "rank" in got["identification"]
     assert names_under(f"{data}/res") == sorted(p.name for p in (tmp_path / "want").iterdir())
     # one 1:N file gone from the bucket: an error naming it, nothing written
     missing = f"{data}/IJBC/meta/ijbc_1N_gallery_G2.csv"
     io.remove(missing)
-    one_error_line(cli(gcs_server, work, *argv, "--out", f"{data}/res2"), "evaluate", missing, "missing")
+    one_error_line(cli(work, *argv, "--out", f"{data}/res2"), "evaluate", missing, "missing")
     assert not io.exists(f"{data}/res2")
     assert list(work.iterdir()) == []
 
 
-def test_embed_photos_from_a_bucket_into_a_bucket(gcs_server, bucket, tmp_path):
+def test_embed_photos_from_a_bucket_into_a_bucket(cli, bucket, tmp_path):
     photos = f"{bucket}/photos"
     face = np.random.default_rng(2).integers(0, 256, (112, 112, 3), dtype=np.uint8)
     png = cv2.imencode(".png", face)[1].tobytes()
     io.write_bytes(f"{photos}/a.png", png)
     io.write_bytes(f"{photos}/a_copy.png", png)
     out = f"{bucket}/embed/feats.npz"
-    proc = cli(gcs_server, tmp_path, "embed", f"{photos}/a.png", f"{photos}/a_copy.png", f"{photos}/gone.png",
+    proc = cli(tmp_path, "embed", f"{photos}/a.png", f"{photos}/a_copy.png", f"{photos}/gone.png",
                "--checkpoint", f"{bucket}/model", "--out", out, "--batch-size", "2")
     assert proc.returncode == 1, proc.stderr[-3000:]  # one photo is missing: reported in the file, not fatal
     assert f"wrote {out}: 2/3 images embedded" in proc.stdout
@@ -171,28 +181,28 @@ def test_embed_photos_from_a_bucket_into_a_bucket(gcs_server, bucket, tmp_path):
     np.testing.assert_array_equal(emb[0], emb[1])
     assert np.linalg.norm(emb[0]) == pytest.approx(1, abs=1e-5) and np.isnan(emb[2]).all()
     # --out naming one of the photos: refused, the photo unchanged
-    one_error_line(cli(gcs_server, tmp_path, "embed", "--checkpoint", f"{bucket}/model", "--out", f"{photos}/a.png",
+    one_error_line(cli(tmp_path, "embed", "--checkpoint", f"{bucket}/model", "--out", f"{photos}/a.png",
                        f"{photos}/a_copy.png"), "embed", f"{photos}/a.png", "expected a file name ending in .npz")
     assert io.read_bytes(f"{photos}/a.png") == png
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_into_a_bucket_in_every_format(gcs_server, bucket, tmp_path):
+def test_export_into_a_bucket_in_every_format(cli, bucket, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     torch = pytest.importorskip("torch")
     out = f"{bucket}/exported"
-    ok(cli(gcs_server, tmp_path, "export", f"{bucket}/model", f"{out}/m.onnx"))  # the format from the suffix
+    ok(cli(tmp_path, "export", f"{bucket}/model", f"{out}/m.onnx"))  # the format from the suffix
     model = onnx.load_from_string(io.read_bytes(f"{out}/m.onnx"))
     assert {p.key: p.value for p in model.metadata_props}["arch"] == "ir_18"
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     emb, norm = sess.run(None, {"input": np.random.default_rng(3).uniform(-1, 1, (2, 112, 112, 3)).astype(np.float32)})
     assert emb.shape == (2, 512) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    ok(cli(gcs_server, tmp_path, "export", f"{bucket}/model", f"{out}/m.ckpt"))  # torch, by its suffix
+    ok(cli(tmp_path, "export", f"{bucket}/model", f"{out}/m.ckpt"))  # torch, by its suffix
     import io as pyio
     sd = torch.load(pyio.BytesIO(io.read_bytes(f"{out}/m.ckpt")), map_location="cpu", weights_only=True)["state_dict"]
     assert tuple(sd["model.input_layer.0.weight"].shape) == (8, 3, 3, 3)
-    ok(cli(gcs_server, tmp_path, "export", f"{bucket}/model", f"{out}/saved", "--format", "savedmodel"))
+    ok(cli(tmp_path, "export", f"{bucket}/model", f"{out}/saved", "--format", "savedmodel"))
     saved = names_under(f"{out}/saved")
     assert "saved_model.pb" in saved and "assets.extra/adaface_meta.json" in saved
     assert any(n.startswith("variables/") for n in saved)
@@ -200,7 +210,7 @@ def test_export_into_a_bucket_in_every_format(gcs_server, bucket, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_calibrate_stores_its_thresholds_in_a_model_in_a_bucket(gcs_server, bucket, tmp_path):
+def test_calibrate_stores_its_thresholds_in_a_model_in_a_bucket(cli, bucket, tmp_path):
     model = f"{bucket}/calibrated"
     files = names_under(f"{bucket}/model")
     for rel in sorted(files, key=lambda n: n == "adaface_meta.json"):  # a copy of the model, its meta file last
@@ -216,7 +226,7 @@ def test_calibrate_stores_its_thresholds_in_a_model_in_a_bucket(gcs_server, buck
     buf = __import__("io").BytesIO()
     np.savez(buf, features=feats, issame=np.r_[np.ones(100, bool), np.zeros(200, bool)])
     io.write_bytes(f"{bucket}/pairs.npz", buf.getvalue())
-    stdout = ok(cli(gcs_server, tmp_path, "calibrate", "--checkpoint", model, "--features", f"{bucket}/pairs.npz",
+    stdout = ok(cli(tmp_path, "calibrate", "--checkpoint", model, "--features", f"{bucket}/pairs.npz",
                     "--far", "1e-2"))
     assert f"stored in {model}/adaface_meta.json" in stdout
     meta = json.loads(io.read_text(f"{model}/adaface_meta.json"))
@@ -227,7 +237,7 @@ def test_calibrate_stores_its_thresholds_in_a_model_in_a_bucket(gcs_server, buck
     assert list(tmp_path.iterdir()) == []
 
 
-def test_convert_a_checkpoint_into_a_bucket(gcs_server, gcs_bucket, tmp_path):
+def test_convert_a_checkpoint_into_a_bucket(cli, gcs_bucket, tmp_path):
     """A released-style .ckpt (ir_18 at 16x16 input: the smallest IResNet a .ckpt can hold, 46 MB) converted
     into a bucket, then read back from it."""
     import hashlib
@@ -248,7 +258,7 @@ def test_convert_a_checkpoint_into_a_bucket(gcs_server, gcs_bucket, tmp_path):
     work = tmp_path / "cwd"
     work.mkdir()
     out = f"{gcs_bucket}/converted"
-    assert f"-> {out}: ir_18 16x16" in ok(cli(gcs_server, work, "convert", str(ckpt), out))
+    assert f"-> {out}: ir_18 16x16" in ok(cli(work, "convert", str(ckpt), out))
     assert names_under(out)[0] == "adaface_meta.json" and any(n.startswith("checkpoint/") for n in names_under(out))
     meta = json.loads(io.read_text(f"{out}/adaface_meta.json"))
     assert meta["source_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
@@ -283,9 +293,9 @@ def test_a_checkpoint_file_in_a_bucket_is_read_safely(gcs_bucket, tmp_path):
 
 @pytest.mark.parametrize("command, url, needle", [("evaluate", "s4://bucket/x", "unsupported URL scheme 's4:'"),
                                                   ("embed", "gs:/bucket/x.npz", "two slashes")])
-def test_paths_the_file_layer_does_not_serve_are_refused(gcs_server, bucket, tmp_path, command, url, needle):
+def test_paths_the_file_layer_does_not_serve_are_refused(cli, bucket, tmp_path, command, url, needle):
     argv = {"evaluate": ["evaluate", "--protocol", "hq", "--checkpoint", f"{bucket}/model", "--bin", f"{bucket}/lfw.bin",
                          "--out", url],
             "embed": ["embed", f"{bucket}/lfw.bin", "--checkpoint", f"{bucket}/model", "--out", url]}[command]
-    one_error_line(cli(gcs_server, tmp_path, *argv), command, f"--out {url}", needle)
+    one_error_line(cli(tmp_path, *argv), command, f"--out {url}", needle)
     assert list(tmp_path.iterdir()) == []  # no local folder named after a URL scheme

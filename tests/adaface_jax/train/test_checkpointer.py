@@ -1,8 +1,8 @@
 """Checkpoints: restore on another mesh, best-by-accuracy, SIGKILL + resume is bit-identical, SIGTERM saves
 exactly the step it reached.  Subprocess runs wait on what the run writes (checkpoints, log lines), never on time."""
+import logging
 import os
 import signal
-import subprocess
 
 import jax
 import numpy as np
@@ -11,8 +11,9 @@ import pytest
 from adaface_jax import parallel
 from adaface_jax.train.checkpointer import Checkpointer, restore_items
 from adaface_jax.weights import calibration_file, load_weights
-from tests.support.cli_fixtures import (checkpoint_steps, logged_steps, signal_running, signalled_run, start, subprocess_env,
-                          train_cmd, wait_until)
+from adaface_jax.cli import main
+from tests.support.cli_fixtures import (CLI, checkpoint_steps, logged_steps, signal_running, signalled_run, start,
+                                        train_cmd, wait_until)
 from tests.support.train_fixtures import E, build_sharded, random_batch
 
 
@@ -109,12 +110,12 @@ def tiny_dataset(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_dataset):
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_dataset, caplog):
     """Kill a run (which would go on for 1000 steps) once it has checkpointed step 6 or later, resume it to
     9 steps past its last checkpoint (across an epoch boundary of the 8-step epochs), and compare with a run
     that was never interrupted.  The step delay only slows the run down; nothing depends on timing."""
     run_dir, ref_dir = tmp_path / "killed", tmp_path / "ref"
-    proc = start(train_cmd(run_dir, 1000, data_dir=tiny_dataset, delay=0.02))
+    proc = start(train_cmd(run_dir, 1000, data_dir=tiny_dataset, delay=0.02), ndev=8)
     try:
         wait_until(proc, lambda: any(s >= 6 for s in checkpoint_steps(run_dir)), "a checkpoint at step >= 6")
         signal_running(proc, signal.SIGKILL)
@@ -127,16 +128,12 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_dataset):
     assert killed_at >= 6
     total = killed_at + 9
 
-    env = subprocess_env()
-    resumed = subprocess.Popen(train_cmd(run_dir, total, data_dir=tiny_dataset), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    ref = subprocess.Popen(train_cmd(ref_dir, total, data_dir=tiny_dataset), env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    _, res_err = resumed.communicate(timeout=600)
-    _, ref_err = ref.communicate(timeout=600)
-    assert resumed.returncode == 0, res_err[-3000:]
-    assert ref.returncode == 0, ref_err[-3000:]
-    assert f"resumed from {run_dir} at step {killed_at}" in res_err
+    # The resumed run and the uninterrupted one in this process, on the killed run's 8 devices.
+    argv = lambda workdir: train_cmd(workdir, total, data_dir=tiny_dataset)[len(CLI):]
+    with caplog.at_level(logging.INFO, logger="adaface_jax.train"):
+        assert main(argv(run_dir)) == 0
+    assert f"resumed from {run_dir} at step {killed_at}" in caplog.text
+    assert main(argv(ref_dir)) == 0
 
     step_a, a = _final_params(ref_dir)
     step_b, b = _final_params(run_dir)

@@ -12,6 +12,7 @@ import pytest
 from adaface_jax import parallel
 from adaface_jax.train import dry_run, program_cost
 from adaface_jax.train.setup import build_trainer
+from tests.support.cli_fixtures import fail
 from tests.support.train_fixtures import E, tiny_config
 from tests.support import REPO as REPO_ROOT
 
@@ -69,29 +70,31 @@ def test_plan_of_the_tiny_step_on_eight_devices():
     assert "fits in 1 GB per device: yes" in text
 
 
-def test_cli_dry_run_on_simulated_devices_and_config_errors():
-    base = [sys.executable, "-m", "adaface_jax.cli", "train", "--config", os.path.join(REPO, "configs", "cpu_synthetic.py"),
-            "--dry-run", "--simulate-devices", "4", "--config.model.arch=tiny", "--config.model.embedding_size=32",
-            "--config.data.image_size=16", "--config.num_classes=1000", "--config.global_batch_size=8",
-            "--config.data.data_dir=/nonexistent"]
-    r = subprocess.run(base + ["--device-memory", "0.000001"], capture_output=True, text=True, env=_env(), cwd=REPO,
-                       timeout=300)
+def test_cli_dry_run_on_simulated_devices_and_config_errors(capsys):
+    # A new process (`python -m adaface_jax.cli`): --simulate-devices sets the device count before JAX starts. The
+    # plan needs no TensorFlow (seconds of start-up): the child names the heavy modules it loaded.
+    argv = ["train", "--config", os.path.join(REPO, "configs", "cpu_synthetic.py"), "--dry-run",
+            "--config.model.arch=tiny", "--config.model.embedding_size=32", "--config.data.image_size=16",
+            "--config.num_classes=1000", "--config.global_batch_size=8", "--config.data.data_dir=/nonexistent"]
+    child = ("import runpy, sys\n"
+             "try:\n    runpy.run_module('adaface_jax.cli', run_name='__main__', alter_sys=True)\n"
+             "except SystemExit as e:\n    rc = e.code\n"
+             "print('loaded:', sorted(m for m in ('tensorflow', 'data_pipeline.input') if m in sys.modules))\n"
+             "sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", child, *argv, "--simulate-devices", "4", "--device-memory", "0.000001"],
+                       capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
+    assert "loaded: []" in out, out
     assert "4 x cpu" in out and "classes 1000 (config.num_classes), padded 1000" in out
     assert f"classifier shard     {32 * 250 * 4 / 2 ** 30:.3f} GiB ({32 * 250 * 4} bytes)" in out
     assert "fits in 1e-06 GB per device: NO" in out
-    r = subprocess.run(base + ["--config.head.sample_rate=1.5"], capture_output=True, text=True, env=_env(), cwd=REPO,
-                       timeout=300)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [
-        "adaface-jax train: error: config.head.sample_rate=1.5: expected 0 < sample_rate <= 1"]
+    # The refusals come before anything is compiled: in this process.
+    fail(capsys, argv + ["--config.head.sample_rate=1.5"],
+         "config.head.sample_rate=1.5: expected 0 < sample_rate <= 1")
     # The plan compiles XLA's default program, but a bad CPU convolution choice is refused as the run would.
-    r = subprocess.run(base + ["--config.cpu_convolutions=onednn"], capture_output=True, text=True, env=_env(),
-                       cwd=REPO, timeout=300)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [
-        "adaface-jax train: error: config.cpu_convolutions='onednn': expected one of ('eigen', 'xla_default')"]
+    fail(capsys, argv + ["--config.cpu_convolutions=onednn"],
+         "config.cpu_convolutions='onednn': expected one of ('eigen', 'xla_default')")
 
 
 # The WebFace12M recipe's head and batch (617,970 classes, global batch 512) on 8 devices. Whether the classifier
