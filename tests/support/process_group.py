@@ -17,7 +17,7 @@ TIMEOUT_S = 240  # generous: JAX processes start, compile and talk over gloo on 
 PROXY_KEYS = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
               "no_proxy"}
 # Failures that mean the coordinator port was taken by someone else are retried, and so is a group that hung once:
-# on XLA:CPU with gloo, 2 processes x 2 devices were seen blocked for good (rarely and timing-dependent: 2 of 9 runs
+# on XLA:CPU with gloo, 2 processes x 2 devices were seen blocked for good (timing-dependent: 3 of 11 runs
 # of the elastic 2 x 2 group on 2026-12-02), one process's devices inside a gloo all-to-all and the other's inside
 # an all-gather, at the start of a training run that every other run completes. A group that hangs twice fails.
 PORT_TAKEN = ("address already in use", "failed to add port", "could not bind", "failed to bind", "errno 98")
