@@ -372,3 +372,15 @@ def create_sharded(init_fn, mesh: Mesh, *args):
     abstract = jax.eval_shape(init_fn, *args)
     shardings = state_shardings(mesh, abstract)
     return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
+
+
+def process0_decides(value: bool) -> bool:
+    """Process 0's ``value``, on every process (one collective; ``value`` itself in a single process).
+
+    For a decision read from a shared folder or bucket, such as "is there a run to resume": processes reach it
+    at different moments, and one that looks after process 0 has started writing would see another answer,
+    take another branch and block the others in mismatched collectives."""
+    if jax.process_count() == 1:
+        return bool(value)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))

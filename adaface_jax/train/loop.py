@@ -372,7 +372,9 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                                              async_save=config.checkpoint.async_save,
                                              best_metric=config.checkpoint.best_metric,
                                              best_mode=config.checkpoint.best_mode)
-    ckpt = open_checkpointer() if io.isdir(run_dir.checkpoints) else None
+    # Every process takes process 0's answer: it looks before it creates the folder (a later look elsewhere would
+    # find it and resume while process 0 starts afresh).
+    ckpt = open_checkpointer() if parallel.process0_decides(io.isdir(run_dir.checkpoints)) else None
     resume_step = ckpt.latest_step() if ckpt is not None else None
     # Read the fine-tuning weights before anything is built, so a bad --init-from fails at once.
     init_weights = load_init_from(init_from) if (init_from and resume_step is None) else None

@@ -37,7 +37,7 @@ def run_workers(nproc, ndev, data_dir, out, mode):
     """tests/support/elastic_worker.py as ``nproc`` processes of ``ndev`` devices each."""
     process_group.run_workers("elastic_worker.py", nproc,
                              lambda pid, port: [pid, nproc, port, ndev, data_dir, out, mode], f"{nproc}x{ndev}",
-                             timeout_s=TIMEOUT_S, out=out)
+                             timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,13 @@ the accuracies and the backbone variables (OUT/val.npz).
 """
 import os
 import sys
+import time
 
 STEPS = 3      # global batches compared across topologies
 STOP_AT = 2    # the interrupted run stops (and checkpoints) here
 TOTAL = 5      # steps of the uninterrupted run (4 steps per epoch: crosses an epoch)
 BATCH = 8
+LAGGARD_S = 4  # process 1 starts run_b this much later
 
 
 def recording_train(config, workdir, devices=None):
@@ -109,6 +111,11 @@ def main():
         a = elastic_config(data_dir, total_steps=STOP_AT)
         recorded_train(a, os.path.join(out, "run_a"), "a")
         b = elastic_config(data_dir, total_steps=TOTAL, eval_every=1)
+        if pid == 1:
+            # On a pod the processes reach train() at different times: here process 0 has created run_b's
+            # checkpoint folder by the time process 1 looks for a run to resume (train() must not let them decide
+            # differently, which deadlocked in their collectives).
+            time.sleep(LAGGARD_S)
         summary, state = recorded_train(b, os.path.join(out, "run_b"), "b")
         trainer_model = build_backbone(b, 1)  # the eval-mode module (build_trainer's eval_model)
         from data_pipeline.bin_reader import load_bin  # noqa: E402

@@ -1,6 +1,6 @@
 """One process of the multi-process test: ``python parallel_worker.py PID NPROC PORT LOCAL_DEVICES OUT``.
 
-Runs tests/support/train_fixtures.run_sharded over every device of every process (gloo collectives on CPU)
+Checks parallel.process0_decides, runs tests/support/train_fixtures.run_sharded over every device of every process (gloo collectives on CPU)
 and, on process 0, writes the resulting state to OUT (.npz).
 """
 import os
@@ -21,6 +21,9 @@ if nproc > 1:
     parallel.initialize_distributed(f"localhost:{port}", nproc, pid, cpu_collectives="gloo")
 assert jax.device_count() == nproc * ndev, jax.devices()
 from tests.support.train_fixtures import run_sharded  # noqa: E402
+
+# Every process takes process 0's answer, whatever its own.
+assert parallel.process0_decides(pid == 0) is True and parallel.process0_decides(pid != 0) is False
 
 items, metrics = run_sharded(jax.devices(), num_classes=20, steps=2)
 if pid == 0:

@@ -1,10 +1,10 @@
 """Run a test worker script as several JAX processes on localhost (gloo collectives on CPU): the
-coordinator port, retries when another program took it or when the processes hung, and stopping the peers of a
-failed process."""
+coordinator port, retries when another program took it, stopping the peers of a failed process, and the Python
+stacks of a group that hangs."""
 from __future__ import annotations
 
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,10 +16,11 @@ TIMEOUT_S = 240  # generous: JAX processes start, compile and talk over gloo on 
 # The proxy variables, which the loopback Cloud Storage server sets for the session (see _run_once).
 PROXY_KEYS = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
               "no_proxy"}
-# Failures that mean the coordinator port was taken by someone else are retried, and so is a group that hung once:
-# on XLA:CPU with gloo, 2 processes x 2 devices were seen blocked for good (timing-dependent: 3 of 11 runs
-# of the elastic 2 x 2 group on 2026-12-02), one process's devices inside a gloo all-to-all and the other's inside
-# an all-gather, at the start of a training run that every other run completes. A group that hangs twice fails.
+# Each worker runs under this launcher: SIGUSR1 prints every thread's Python stack, which is how a group that hangs
+# is reported (processes that took different branches wait for each other in mismatched collectives for good).
+LAUNCHER = ("import faulthandler, runpy, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+# Failures that mean the coordinator port was taken by someone else are retried.
 PORT_TAKEN = ("address already in use", "failed to add port", "could not bind", "failed to bind", "errno 98")
 ATTEMPTS = 3
 
@@ -50,7 +51,8 @@ def _run_once(script, nproc, argv, hold, timeout_s):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and k not in PROXY_KEYS}
     env.update({k: ENV_AT_START[k] for k in PROXY_KEYS if k in ENV_AT_START})
     logs = [tempfile.TemporaryFile("w+") for _ in range(nproc)]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, script)] + [str(a) for a in argv(pid, port)],
+    procs = [subprocess.Popen([sys.executable, "-c", LAUNCHER, os.path.join(HERE, script)]
+                              + [str(a) for a in argv(pid, port)],
                               env=env, stdout=logs[pid], stderr=subprocess.STDOUT, text=True)
              for pid in range(nproc)]
     deadline = time.monotonic() + timeout_s
@@ -64,6 +66,11 @@ def _run_once(script, nproc, argv, hold, timeout_s):
                 break
             time.sleep(0.2)
     finally:
+        if hung:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGUSR1)
+            time.sleep(2)
         for p in procs:
             if p.poll() is None:
                 p.kill()
@@ -78,18 +85,16 @@ def _run_once(script, nproc, argv, hold, timeout_s):
     return [p.returncode for p in procs], texts, hung
 
 
-def run_workers(script: str, nproc: int, argv, what: str, timeout_s: int = TIMEOUT_S, out: str | None = None) -> None:
+def run_workers(script: str, nproc: int, argv, what: str, timeout_s: int = TIMEOUT_S) -> None:
     """``tests/<script>`` as ``nproc`` processes, ``argv(pid, port)`` giving each its arguments; asserts that
-    all exit 0 (naming ``what`` and the failing process's log). ``out``: the folder the workers write, emptied
-    before a retry (a run left there would be resumed)."""
+    all exit 0, naming ``what`` and the failing process's log (for a group that hung: every thread's stack)."""
     for attempt in range(ATTEMPTS):
-        if attempt and out is not None:
-            shutil.rmtree(out)
-            os.makedirs(out)
         codes, logs, hung = _run_once(script, nproc, argv, hold=attempt == 0, timeout_s=timeout_s)
-        failed = any(c != 0 for c in codes)
-        port_taken = failed and any(k in log.lower() for log in logs for k in PORT_TAKEN)
-        if not (port_taken or hung) or attempt == ATTEMPTS - 1 or (hung and attempt > 0):
+        port_taken = any(c != 0 for c in codes) and any(k in log.lower() for log in logs for k in PORT_TAKEN)
+        if not port_taken:
             break
+    # A hang shows in the stacks of all processes together (where each one waits); a failure in its own log.
+    assert not hung, f"{what} hung for {timeout_s} s: " + "".join(
+        f"\n--- process {pid} (rc {code}) ---\n{log[-5000:]}" for pid, (code, log) in enumerate(zip(codes, logs)))
     for pid, (code, log) in enumerate(zip(codes, logs)):
-        assert code == 0, f"{what} process {pid} (rc {code}{', hung' if hung else ''}): {log[-3000:]}"
+        assert code == 0, f"{what} process {pid} (rc {code}): {log[-3000:]}"
