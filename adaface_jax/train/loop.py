@@ -327,13 +327,25 @@ class MetricsLog:
 
 
 class _StopRequest:
-    """SIGTERM/SIGINT -> finish the current step, save, exit cleanly."""
+    """When to save and stop before the end: after SIGTERM or SIGINT.
+
+    In one process the signal handlers set a flag. With several processes every one must stop after the same
+    step, since a save is collective: a process that stopped alone would leave the others waiting in the next
+    step's collectives. There JAX's preemption service catches SIGTERM on any process and agrees on the step
+    (``multihost_utils.reached_preemption_sync_point``, which every process calls after every step); SIGINT is
+    left to Python and ends that process (run the job again to resume from the last checkpoint)."""
 
     def __init__(self):
         self.signum = None
         self._old = {}
+        self._agreed = jax.process_count() > 1
 
     def __enter__(self):
+        if self._agreed:
+            if not jax.config.jax_enable_preemption_service:
+                log.warning("jax_enable_preemption_service is off: SIGTERM ends the processes without a checkpoint")
+                self._agreed = False  # and no handler either: each process alone cannot stop safely
+            return self
         for s in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -343,6 +355,14 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+    def after(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (called after every step, on every process)."""
+        if self._agreed and self.signum is None:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = signal.SIGTERM  # the one signal the preemption service listens for
+        return self.signum is not None
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -476,7 +496,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
             if step % config.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
                 ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records})
                 metrics_log.flush()
-            if stop.signum is not None:
+            if stop.after(step):
                 ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records}, force=True)
                 summary["stop_reason"] = f"signal {stop.signum}"
                 log.warning("signal %d: saved step %d and stopping", stop.signum, step)

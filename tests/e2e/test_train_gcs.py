@@ -5,8 +5,8 @@ Cloud Storage API server on loopback (tests/support/gcs_server.py):
   tensorboard/, training_samples.png, checkpoints/ and best/ into gs:// (and nothing local);
 * SIGTERM saves the step reached into the bucket and a resume from the bucket ends bit-identical to a run that
   was never interrupted;
-* two processes (gloo collectives) write one checkpoint into one gs:// workdir, and ONE process resumes it
-  from the bucket and finishes;
+* two processes (gloo collectives) train into one gs:// workdir; SIGTERM to one of them stops both after the
+  same step with one checkpoint of both, and ONE process resumes it from the bucket;
 * `--workdir gs:/typo/run` and `--workdir s4://b/run` are refused in one line, before anything is created.
 
 The runs are `adaface-jax` subprocesses with the server's environment, run in ``tmp_path`` (where no folder
@@ -15,6 +15,7 @@ server through the environment the gcs_server fixture sets. The model is the tin
 4 identities x 8 images, a global batch of 8 (4 steps per epoch)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -276,21 +277,26 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_checkpoint_into_the_bucket_and_one_resumes(gcs_server, bucket, tmp_path):
-    """2 processes x 1 device (gloo) train 2 steps into one gs:// workdir (a checkpoint of both processes' shards);
-    then one process with 2 devices resumes it from the bucket (1 divides the 8 input streams) and finishes the
-    epoch and one step more."""
+@pytest.mark.multiprocess
+def test_two_processes_stop_together_on_sigterm_to_one_and_one_process_resumes(gcs_server, bucket, tmp_path):
+    """2 processes x 1 device (gloo) train into one gs:// workdir, slowed down by a step delay. Once their first
+    checkpoint is in the bucket, process 1 ALONE gets SIGTERM: both processes save the same step (JAX's preemption
+    service agrees on it; a process stopping alone leaves the other in a collective) and exit cleanly. Then one
+    process with 2 devices resumes the run from the bucket (1 divides the 8 input streams) and goes on."""
     workdir, data = f"{bucket}/runs/pod", f"{bucket}/data"
     for attempt in range(3):  # another program may take the coordinator port between its choice and its bind
         port = _free_port()
         procs = [start(gcs_server, tmp_path, ["train", "--coordinator-address", f"localhost:{port}",
                                               "--num-processes", "2", "--process-id", str(pid),
-                                              "--cpu-collectives", "gloo", *train_argv(workdir, data, 2)[1:]],
-                       ndev=1) for pid in range(2)]
-        deadline = time.monotonic() + TIMEOUT_S
+                                              "--cpu-collectives", "gloo", *train_argv(workdir, data, 1000)[1:]],
+                       ndev=1, step_delay_s=0.3) for pid in range(2)]
+        deadline, signalled = time.monotonic() + TIMEOUT_S, False
         while any(p.poll() is None for p in procs):
             if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
                 break  # a failed process leaves its peer waiting for it
+            if not signalled and checkpoint_steps(workdir):
+                procs[1].send_signal(signal.SIGTERM)  # (polled above: never signals a reaped pid)
+                signalled = True
             time.sleep(0.2)
         for p in procs:
             if p.poll() is None:
@@ -301,20 +307,24 @@ def test_two_processes_checkpoint_into_the_bucket_and_one_resumes(gcs_server, bu
             break
     for pid, (p, e) in enumerate(zip(procs, errs)):
         assert p.returncode == 0 and "Traceback" not in e, f"process {pid} (rc {p.returncode}): {e[-3000:]}"
-    assert checkpoint_steps(workdir) == [2]
-    state_dir = f"{workdir}/checkpoints/2/state"
+    saved = [re.findall(r"signal 15: saved step (\d+) and stopping", e) for e in errs]
+    assert len(saved[0]) == 1 and saved[0] == saved[1], saved
+    reached = int(saved[0][0])
+    assert reached > 2 and checkpoint_steps(workdir)[-1] == reached, (reached, checkpoint_steps(workdir))
+    state_dir = f"{workdir}/checkpoints/{reached}/state"
     assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(io.listdir(state_dir)), io.listdir(state_dir)
-    meta = json.loads(io.read_text(f"{workdir}/checkpoints/2/meta/metadata"))
+    meta = json.loads(io.read_text(f"{workdir}/checkpoints/{reached}/meta/metadata"))
     assert meta["topology"] == {"processes": 2, "devices": 2}
-    assert [r["step"] for r in metrics_lines(workdir)] == [1, 2]  # process 0 alone writes the log
+    assert [r["step"] for r in metrics_lines(workdir)] == list(range(1, reached + 1))  # process 0 alone writes it
 
-    err = run(gcs_server, tmp_path, train_argv(workdir, data, SPE + 1))
-    assert f"resumed from {workdir} at step 2" in err
+    total = reached + 2
+    err = run(gcs_server, tmp_path, train_argv(workdir, data, total))
+    assert f"resumed from {workdir} at step {reached}" in err
     assert "resuming a run of 2 process(es) / 2 device(s) on 1 / 2" in err
     step, items = final_items(workdir)
-    assert step == SPE + 1 and int(items["['step']"]) == SPE + 1
+    assert step == total and int(items["['step']"]) == total
     assert all(np.isfinite(v).all() for k, v in items.items() if v.dtype.kind == "f")
-    assert [r["step"] for r in metrics_lines(workdir)] == list(range(1, SPE + 2))
+    assert [r["step"] for r in metrics_lines(workdir)] == list(range(1, total + 1))
     assert_no_scheme_folders(tmp_path)
 
 
