@@ -384,3 +384,11 @@ def process0_decides(value: bool) -> bool:
         return bool(value)
     from jax.experimental import multihost_utils  # noqa: PLC0415
     return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
+
+
+def sum_over_processes(count: int) -> int:
+    """The sum of every process's ``count`` (one all-gather: every process must call it at the same point)."""
+    if jax.process_count() == 1:
+        return int(count)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return int(np.sum(multihost_utils.process_allgather(np.int64(count))))

@@ -440,24 +440,40 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
     last = {}
     t0, imgs_since = time.time(), 0
     step = start
+    bad_here = 0  # this process's bad records since the processes last added theirs up into bad_records
+
+    def count_bad_records(by_step: int) -> None:
+        """Add every process's new bad records to ``bad_records`` and stop past data.max_bad_records. Each process
+        decodes its own rows, so the count is summed over processes (an all-gather: every process calls this at
+        the same steps), and they all stop together."""
+        nonlocal bad_records, bad_here
+        bad_records += parallel.sum_over_processes(bad_here)
+        bad_here = 0
+        if bad_records > config.data.max_bad_records:
+            ckpt.wait()
+            bar.close()
+            metrics_log.close()
+            ckpt.close()
+            raise TooManyBadRecords(
+                f"{bad_records} records of {config.data.data_dir} failed to decode by step {by_step}, more "
+                f"than config.data.max_bad_records={config.data.max_bad_records}; run "
+                f"`adaface-jax check {config.data.data_dir}` to list them. The last checkpoint in "
+                f"{run_dir.checkpoints} is intact.")
+
+    where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
     with _StopRequest() as stop:
         while step < total_steps:
             batch = next(batches)
             if (bad := int(batch.pop("bad_records", 0))):
-                bad_records += bad
-                log.warning("step %d: %d record(s) of %s failed to decode and were replaced by other images of "
-                            "the batch (%d so far; `adaface-jax check` names them)", step + 1, bad,
-                            config.data.data_dir, bad_records)
-                if bad_records > config.data.max_bad_records:
-                    ckpt.wait()
-                    bar.close()
-                    metrics_log.close()
-                    ckpt.close()
-                    raise TooManyBadRecords(
-                        f"{bad_records} records of {config.data.data_dir} failed to decode by step {step + 1}, more "
-                        f"than config.data.max_bad_records={config.data.max_bad_records}; run "
-                        f"`adaface-jax check {config.data.data_dir}` to list them. The last checkpoint in "
-                        f"{run_dir.checkpoints} is intact.")
+                bad_here += bad
+                log.warning("step %d: %d record(s) of %s failed to decode%s and were replaced by other images of "
+                            "the batch (`adaface-jax check` names them)", step + 1, bad, config.data.data_dir, where)
+            # Counted before every step in one process; with several, before the steps that log or save it (not
+            # every step: an all-gather waits for the step before it, which would stall the device queue).
+            upcoming = step + 1
+            if (jax.process_count() == 1 or upcoming % config.log_every == 0 or upcoming % spe == 0
+                    or upcoming == total_steps or upcoming % config.checkpoint.every_steps == 0):
+                count_bad_records(upcoming)
             state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
             step += 1
             imgs_since += config.global_batch_size
@@ -497,6 +513,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                 ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records})
                 metrics_log.flush()
             if stop.after(step):
+                count_bad_records(step)
                 ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records}, force=True)
                 summary["stop_reason"] = f"signal {stop.signum}"
                 log.warning("signal %d: saved step %d and stopping", stop.signum, step)

@@ -6,6 +6,7 @@ tests/e2e/test_parallel_multiprocess.py: one 2 processes x 2 devices launch (bat
 uninterrupted train(), validation) and one 4 x 1 launch (batches); 1 x 4 runs in this process.
 """
 import os
+import re
 import shutil
 import struct
 
@@ -158,6 +159,25 @@ def test_global_batches_are_bit_identical_on_1x4_2x2_and_4x1(elastic_data, two_b
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_bad_record_on_one_process_stops_every_process(elastic_data, tmp_path):
+    """One record does not decode, and only the process whose streams hold it decodes it: with
+    data.max_bad_records=0 both processes stop with the same error (the count is summed over processes), where a
+    process stopping alone would leave the other in the next step's collectives."""
+    from tests.support.datasets import rewrite_shard, truncated
+    data = str(tmp_path / "data")
+    shutil.copytree(elastic_data, data)
+    rewrite_shard(data, 2, lambda recs: [(truncated(r[0]) if i == 1 else r[0], r[1], r[2]) for i, r in enumerate(recs)])
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    run_workers(2, 1, data, out, "bad")
+    messages = [open(os.path.join(out, f"bad_{pid}.txt")).read() for pid in range(2)]
+    assert messages[0] == messages[1], messages
+    assert re.match(rf"1 records of {re.escape(data)} failed to decode by step [1-4], more than "
+                    r"config.data.max_bad_records=0", messages[0]), messages[0]
+
+
 def test_2x2_run_resumed_as_1x4_continues_with_the_same_batches(elastic_data, two_by_two, tmp_path):
     from adaface_jax.train import loop
     images_b, labels_b = _rows(two_by_two, "b", 2)  # uninterrupted 2 x 2 run, TOTAL steps
