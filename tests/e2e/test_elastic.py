@@ -3,7 +3,8 @@
 
 Multi-process runs go through tests/support/elastic_worker.py in subprocesses (gloo collectives on localhost), like
 tests/e2e/test_parallel_multiprocess.py: one 2 processes x 2 devices launch (batches, an interrupted and an
-uninterrupted train(), validation) and one 4 x 1 launch (batches); 1 x 4 runs in this process.
+uninterrupted train(), validation), one 4 x 1 launch (batches) and one 2 x 1 launch (a record that does not
+decode); 1 x 4 runs in this process.
 """
 import os
 import re
