@@ -3,8 +3,8 @@
 
 Multi-process runs go through tests/support/elastic_worker.py in subprocesses (gloo collectives on localhost), like
 tests/e2e/test_parallel_multiprocess.py: one 2 processes x 2 devices launch (batches, an interrupted and an
-uninterrupted train(), validation), one 4 x 1 launch (batches) and one 2 x 1 launch (a record that does not
-decode); 1 x 4 runs in this process.
+uninterrupted train(), validation, a run on data with a record that does not decode) and one 4 x 1 launch
+(batches); 1 x 4 runs in this process.
 """
 import os
 import re
@@ -44,7 +44,13 @@ def run_workers(nproc, ndev, data_dir, out, mode):
 
 @pytest.fixture(scope="module")
 def two_by_two(elastic_data, tmp_path_factory):
+    """The 2 x 2 launch; its last run trains on OUT/bad_data: the dataset with record 1 of shard 2 cut short."""
+    from tests.support.datasets import rewrite_shard, truncated
     out = str(tmp_path_factory.mktemp("two_by_two"))
+    bad_data = os.path.join(out, "bad_data")
+    shutil.copytree(elastic_data, bad_data)
+    rewrite_shard(bad_data, 2, lambda recs: [(truncated(r[0]) if i == 1 else r[0], r[1], r[2])
+                                             for i, r in enumerate(recs)])
     run_workers(2, 2, elastic_data, out, "train")
     return out
 
@@ -160,22 +166,14 @@ def test_global_batches_are_bit_identical_on_1x4_2x2_and_4x1(elastic_data, two_b
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_a_bad_record_on_one_process_stops_every_process(elastic_data, tmp_path):
+def test_a_bad_record_on_one_process_stops_every_process(two_by_two):
     """One record does not decode, and only the process whose streams hold it decodes it: with
     data.max_bad_records=0 both processes stop with the same error (the count is summed over processes), where a
     process stopping alone would leave the other in the next step's collectives."""
-    from tests.support.datasets import rewrite_shard, truncated
-    data = str(tmp_path / "data")
-    shutil.copytree(elastic_data, data)
-    rewrite_shard(data, 2, lambda recs: [(truncated(r[0]) if i == 1 else r[0], r[1], r[2]) for i, r in enumerate(recs)])
-    out = str(tmp_path / "out")
-    os.makedirs(out)
-    run_workers(2, 1, data, out, "bad")
-    messages = [open(os.path.join(out, f"bad_{pid}.txt")).read() for pid in range(2)]
+    messages = [open(os.path.join(two_by_two, f"bad_{pid}.txt")).read() for pid in range(2)]
     assert messages[0] == messages[1], messages
-    assert re.match(rf"1 records of {re.escape(data)} failed to decode by step [1-4], more than "
+    data = re.escape(os.path.join(two_by_two, "bad_data"))
+    assert re.match(rf"1 records of {data} failed to decode by step [1-4], more than "
                     r"config.data.max_bad_records=0", messages[0]), messages[0]
 
 

@@ -6,8 +6,9 @@ MODE 'train' (also does 'batches'): train() to STOP_AT steps in OUT/run_a (a che
 TOTAL steps uninterrupted in OUT/run_b with validation in the loop; every process writes the local rows train()
 fed (OUT/rows_{a,b}_<PID>.npz); then the loop's run_evaluators() on run_b's final state, and process 0 writes
 the accuracies and the backbone variables (OUT/val.npz).
-MODE 'bad': train() on DATA_DIR, in which one record does not decode, with data.max_bad_records=0; every process
-must stop with TooManyBadRecords (though only one decodes that record) and writes its message to OUT/bad_<PID>.txt.
+Then, if OUT/bad_data exists (DATA_DIR with a record that does not decode), train() on it with
+data.max_bad_records=0: every process must stop with TooManyBadRecords (though only one decodes that record) and
+writes its message to OUT/bad_<PID>.txt.
 """
 import os
 import sys
@@ -107,16 +108,6 @@ def main():
         return summary, state
 
 
-    if mode == "bad":
-        c = elastic_config(data_dir, total_steps=4)
-        c.data.max_bad_records = 0
-        try:
-            loop.train(c, os.path.join(out, "run_bad"))
-        except loop.TooManyBadRecords as e:
-            with open(os.path.join(out, f"bad_{pid}.txt"), "w") as f:
-                f.write(str(e))
-        print(f"process {pid} done", flush=True)
-        return
     config = elastic_config(data_dir)
     gather_batches(config)
     if mode == "train":
@@ -144,6 +135,15 @@ def main():
         if pid == 0:
             np.savez(os.path.join(out, "val.npz"), acc=np.float64(val["val/tiny_val_acc"]), **flat)
             np.savez(os.path.join(out, "final_b.npz"), **items)
+        bad_data = os.path.join(out, "bad_data")
+        if os.path.isdir(bad_data):
+            c = elastic_config(bad_data, total_steps=4)
+            c.data.max_bad_records = 0
+            try:
+                loop.train(c, os.path.join(out, "run_bad"))
+            except loop.TooManyBadRecords as e:
+                with open(os.path.join(out, f"bad_{pid}.txt"), "w") as f:
+                    f.write(str(e))
     print(f"process {pid} done", flush=True)
 
 
