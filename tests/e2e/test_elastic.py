@@ -18,7 +18,7 @@ import pytest
 from tests.support import process_group
 from tests.support.elastic_worker import BATCH, STEPS, STOP_AT, TOTAL, elastic_config, recording_train
 
-TIMEOUT_S = 150  # processes start, compile and talk over gloo on 2 shared cores (35-45 s in a full CI run)
+TIMEOUT_S = 150  # processes start, compile and talk over gloo on 2 shared cores (the 2 x 2 launch: ~50 s in CI)
 
 
 # ------------------------------------------------------------------------------------------- fixtures

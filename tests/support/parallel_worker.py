@@ -1,7 +1,7 @@
 """One process of the multi-process test: ``python parallel_worker.py PID NPROC PORT LOCAL_DEVICES OUT``.
 
-Checks parallel.process0_decides, runs tests/support/train_fixtures.run_sharded over every device of every process (gloo collectives on CPU)
-and, on process 0, writes the resulting state to OUT (.npz).
+Checks parallel.process0_decides, runs tests/support/train_fixtures.run_sharded over every device of every process
+(gloo collectives on CPU) and, on process 0, writes the resulting state to OUT (.npz).
 """
 import os
 import sys
