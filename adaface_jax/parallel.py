@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -382,7 +383,6 @@ def process0_decides(value: bool) -> bool:
     take another branch and block the others in mismatched collectives."""
     if jax.process_count() == 1:
         return bool(value)
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(value))))
 
 
@@ -390,5 +390,4 @@ def sum_over_processes(count: int) -> int:
     """The sum of every process's ``count`` (one all-gather: every process must call it at the same point)."""
     if jax.process_count() == 1:
         return int(count)
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     return int(np.sum(multihost_utils.process_allgather(np.int64(count))))

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from adaface_jax import heads, io, parallel
@@ -359,7 +360,6 @@ class _StopRequest:
     def after(self, step: int) -> bool:
         """Whether to save and stop after ``step`` (called after every step, on every process)."""
         if self._agreed and self.signum is None:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
             if multihost_utils.reached_preemption_sync_point(step):
                 self.signum = signal.SIGTERM  # the one signal the preemption service listens for
         return self.signum is not None
@@ -460,6 +460,12 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                 f"`adaface-jax check {config.data.data_dir}` to list them. The last checkpoint in "
                 f"{run_dir.checkpoints} is intact.")
 
+    def logs_at(s: int) -> bool:
+        return s % config.log_every == 0 or s % spe == 0 or s == total_steps
+
+    def saves_at(s: int) -> bool:
+        return s % config.checkpoint.every_steps == 0 or s % spe == 0 or s == total_steps
+
     where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
     with _StopRequest() as stop:
         while step < total_steps:
@@ -470,15 +476,13 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                             "the batch (`adaface-jax check` names them)", step + 1, bad, config.data.data_dir, where)
             # Counted before every step in one process; with several, before the steps that log or save it (not
             # every step: an all-gather waits for the step before it, which would stall the device queue).
-            upcoming = step + 1
-            if (jax.process_count() == 1 or upcoming % config.log_every == 0 or upcoming % spe == 0
-                    or upcoming == total_steps or upcoming % config.checkpoint.every_steps == 0):
-                count_bad_records(upcoming)
+            if jax.process_count() == 1 or logs_at(step + 1) or saves_at(step + 1):
+                count_bad_records(step + 1)
             state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
             step += 1
             imgs_since += config.global_batch_size
             epoch_end = step % spe == 0
-            if step % config.log_every == 0 or epoch_end or step == total_steps:
+            if logs_at(step):
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = max(time.time() - t0, 1e-9)
                 last["images_per_sec"] = imgs_since / dt
@@ -509,7 +513,7 @@ def train(config, workdir: str, *, init_from: Optional[str] = None, devices=None
                 log.info("step %d epoch %d: %s", step, epoch, val)
                 if config.checkpoint.best_metric in val:
                     ckpt.save_best(state, {**meta, "epoch": epoch, "bad_records": bad_records}, val)
-            if step % config.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
+            if saves_at(step):
                 ckpt.save(state, {**meta, "epoch": epoch, "bad_records": bad_records})
                 metrics_log.flush()
             if stop.after(step):
