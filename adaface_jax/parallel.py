@@ -10,10 +10,14 @@
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, Optional, Sequence
 
 import jax
@@ -391,3 +395,139 @@ def sum_over_processes(count: int) -> int:
     if jax.process_count() == 1:
         return int(count)
     return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+
+
+# --- one process failing while the others run ----------------------------------------------------------------------
+# A process that fails alone leaves the others waiting in the step's collectives, and its own exit then waits in
+# jax.distributed's shutdown barrier for them: every process hangs for shutdown_timeout_seconds (300 s by default)
+# and aborts with a C++ stack trace. So a failing process writes its one-line error under FAILURE_KEY in the
+# coordination service's key-value store and leaves at once (no barrier); every other process watches that key
+# from a thread -- its main thread may be blocked in a collective -- and leaves too, saying which process failed.
+# Leaving is what kill -9 does to a run: the checkpoints already committed are intact and the run resumes from the
+# latest (an orbax save still in flight never reaches its commit, and is not read back).
+
+FAILURE_KEY = "adaface_jax/failure"
+LEFT_KEY = "adaface_jax/left"  # LEFT_KEY/<process>: this process is leaving after a failure
+WATCH_POLL_MS = 1000           # a watcher's blocking read: how long an exit waits for the watcher to stop
+COORDINATOR_GRACE_S = 5.0      # process 0 (which hosts the service) waits this long for the others to read the key
+_leaving = threading.Lock()     # one way out per process: the failing path or the watcher, never both
+
+
+def _coordination_client():
+    """jax.distributed's client, or None in a single process (``jax.distributed.initialize`` never ran)."""
+    from jax._src import distributed  # noqa: PLC0415  (the client multihost_utils itself uses)
+
+    return distributed.global_state.client
+
+
+def is_multiprocess_run() -> bool:
+    return _coordination_client() is not None
+
+
+def _first_way_out() -> bool:
+    """True for the first path leaving this process; a second one waits while the first ends the process."""
+    if _leaving.acquire(blocking=False):
+        return True
+    _leaving.acquire(timeout=2 * COORDINATOR_GRACE_S)
+    return False
+
+
+def _leave(client, status: int) -> None:
+    """Exit now with ``status``, without atexit handlers (they would wait in the shutdown barrier), after marking
+    this process as leaving and flushing what it said. Process 0 hosts the coordination service: it leaves last,
+    once every process has marked itself (or after COORDINATOR_GRACE_S), so none of them loses the service before
+    it can say why it stops."""
+    try:
+        client.key_value_set(f"{LEFT_KEY}/{jax.process_index()}", "1", allow_overwrite=True)
+        deadline = time.monotonic() + COORDINATOR_GRACE_S
+        while jax.process_index() == 0 and time.monotonic() < deadline:
+            if len(client.key_value_dir_get(LEFT_KEY)) >= jax.process_count():
+                break
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001  (the service went away with another failed process: leave anyway)
+        pass
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def fail_run(message: str, status: int = 1) -> None:
+    """This process failed (``message``: its one-line error, already printed): in a multi-process run tell the
+    others and exit now with ``status``; a single process returns."""
+    client = _coordination_client()
+    if client is None or not _first_way_out():
+        return
+    try:
+        client.key_value_set(FAILURE_KEY, f"{jax.process_index()}\t{message}")
+    except Exception:  # noqa: BLE001  (another process failed first: the others are already leaving)
+        pass
+    _leave(client, status)
+
+
+def peer_failure(timeout_s: float = 0.0) -> Optional[tuple[int, str]]:
+    """(process, its one-line error) if another process of this run has failed, waiting up to ``timeout_s``
+    for one to say so; None in a single process or when none has."""
+    client = _coordination_client()
+    if client is None:
+        return None
+    try:
+        value = (client.blocking_key_value_get(FAILURE_KEY, int(timeout_s * 1000)) if timeout_s > 0
+                 else client.key_value_try_get(FAILURE_KEY))
+    except Exception:  # noqa: BLE001  (NOT_FOUND / DEADLINE_EXCEEDED: nobody failed)
+        return None
+    process, _, message = value.partition("\t")
+    return (int(process), message) if int(process) != jax.process_index() else None
+
+
+def leave_if_another_failed(say: Callable[[int, str], str], wait_s: float = 0.0, status: int = 1) -> None:
+    """This process's collective failed: if another process has said it failed (waiting up to ``wait_s`` for it,
+    as its word and the broken connection race), leave as ``leave_for_peer_failure`` does. Returns otherwise.
+
+    (No liveness query here: the coordination service's GetAliveTasks waits for every process it asks about, and
+    a process stuck in a collective never answers.)"""
+    if peer_failure(wait_s) is not None:
+        leave_for_peer_failure(say, status)
+
+
+def leave_for_peer_failure(say: Callable[[int, str], str], status: int = 1) -> None:
+    """Another process failed: print ``say(process, its message)`` to stderr and exit now with ``status``."""
+    found = peer_failure()
+    if found is None or not _first_way_out():
+        return
+    print(say(*found), file=sys.stderr, flush=True)
+    _leave(_coordination_client(), status)
+
+
+def watch_for_peer_failure(say: Callable[[int, str], str], status: int = 1) -> Optional[threading.Thread]:
+    """Start a daemon thread that leaves this process (``leave_for_peer_failure``) as soon as another one fails;
+    it stops at a normal exit, before jax.distributed's shutdown. None in a single process."""
+    client = _coordination_client()
+    if client is None:
+        return None
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                client.blocking_key_value_get(FAILURE_KEY, WATCH_POLL_MS)
+            except Exception as e:  # noqa: BLE001
+                if "DEADLINE_EXCEEDED" not in str(e):  # the service is unreachable: JAX itself ends the process
+                    stop.wait(WATCH_POLL_MS / 1000)
+                continue  # nobody failed yet (the loop re-checks ``stop``)
+            if peer_failure() is not None:
+                leave_for_peer_failure(say, status)
+            return  # this process's own failure: fail_run is leaving
+
+    thread = threading.Thread(target=watch, name="peer-failure-watch", daemon=True)
+    thread.start()
+
+    @atexit.register  # registered after jax's own clean-up, so it runs before it: out of the client first
+    def _stop_watching():
+        stop.set()
+        thread.join(timeout=2 * WATCH_POLL_MS / 1000)
+
+    return thread

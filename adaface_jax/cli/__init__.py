@@ -8,7 +8,8 @@ imported, so ``adaface-jax --help`` does not pay for TensorFlow, JAX or torch. A
 Expected failures (``adaface_jax.errors.InputError``, ``evaluation.ProtocolError``, ``OSError``)
 become one line on stderr, ``adaface-jax <command>: error: <what>``, and exit status 1; pass
 ``--debug`` (or set ``ADAFACE_DEBUG=1``) to see the traceback. Any other exception is a bug and
-keeps its traceback.
+keeps its traceback. In a run of several processes (``train`` on a pod), a process that fails tells the others,
+which stop with one line naming it, and all exit at once (``adaface_jax.parallel.fail_run``).
 """
 from __future__ import annotations
 
@@ -145,8 +146,51 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"adaface-jax {name}: error: {one_line(exc)}", file=sys.stderr)
+        _leave_the_run(one_line(exc), 1)
         return 1
     except KeyboardInterrupt:
         print(f"adaface-jax {name}: interrupted", file=sys.stderr)
+        _leave_the_run("interrupted", 130)
         return 130
+    except Exception as exc:
+        if _multiprocess():
+            from adaface_jax import parallel  # noqa: PLC0415
 
+            # A collective fails when another process has left: say that one's error, not this traceback.
+            parallel.leave_if_another_failed(peer_failed(name), wait_s=PEER_FAILURE_WAIT_S)
+            traceback.print_exc()
+            _leave_the_run(f"{type(exc).__name__}: {one_line(exc)}", 1)
+        raise
+
+
+# How long a process whose collective failed waits for another process to say that it failed first.
+PEER_FAILURE_WAIT_S = 3.0
+
+
+def _multiprocess() -> bool:
+    """Whether this process is one of several (jax.distributed started); never imports JAX itself."""
+    if "jax" not in sys.modules:
+        return False
+    from adaface_jax import parallel  # noqa: PLC0415
+
+    return parallel.is_multiprocess_run()
+
+
+def peer_failed(name: str):
+    """What a process of ``adaface-jax NAME`` says when another process of its run has failed."""
+    def say(process: int, message: str) -> str:
+        import jax  # noqa: PLC0415
+
+        return (f"adaface-jax {name}: error: process {process} of {jax.process_count()} failed ({message}); "
+                f"stopping this process too")
+    return say
+
+
+def _leave_the_run(message: str, status: int) -> None:
+    """This process failed (``message`` already said). Alone, it returns. One of several would leave the others
+    waiting in their collectives and itself wait in jax.distributed's shutdown barrier: it tells them and exits
+    now (``parallel.fail_run``)."""
+    if _multiprocess():
+        from adaface_jax import parallel  # noqa: PLC0415
+
+        parallel.fail_run(message, status)

@@ -127,6 +127,9 @@ def run(args) -> int:
         logging.info("compilation cache: %s (--no-compile-cache or %s=off to disable)", cache, CACHE_ENV)
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                     cpu_collectives=args.cpu_collectives)
+    from adaface_jax.cli import peer_failed  # noqa: PLC0415
+
+    parallel.watch_for_peer_failure(peer_failed("train"))  # one process failing stops them all, in seconds
     try:
         summary, _ = train(config, args.workdir, init_from=args.init_from)
     except TooManySkippedSteps as e:

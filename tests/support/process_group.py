@@ -13,7 +13,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 240  # generous: JAX processes start, compile and talk over gloo on 2 shared cores
-# The proxy variables, which the loopback Cloud Storage server sets for the session (see _run_once).
+# The proxy variables, which the loopback Cloud Storage server sets for the session (see worker_env).
 PROXY_KEYS = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
               "no_proxy"}
 # Each worker runs under this launcher: SIGUSR1 prints every thread's Python stack, which is how a group that hangs
@@ -25,7 +25,7 @@ PORT_TAKEN = ("address already in use", "failed to add port", "could not bind", 
 ATTEMPTS = 3
 
 
-def _reserve_port(hold: bool):
+def reserve_port(hold: bool):
     """(socket or None, port): port 0 bound by the OS. With ``hold`` the socket stays bound (SO_REUSEPORT, not
     listening) until the workers end, so no other program takes the port meanwhile; gRPC binds with
     SO_REUSEPORT too. Without it the port is released first (the fallback if that bind is refused)."""
@@ -41,15 +41,21 @@ def _reserve_port(hold: bool):
     return s, port
 
 
-def _run_once(script, nproc, argv, hold, timeout_s):
-    sock, port = _reserve_port(hold)
-    # The loopback Cloud Storage server (the gcs_server fixture) points the proxy variables at itself for the rest of
-    # the session; the processes' coordinator (gRPC on localhost) must not go through it: they get the session's
-    # original proxy settings.
+def worker_env() -> dict:
+    """The environment of a worker process, without XLA_FLAGS (each sets its device count). The loopback Cloud
+    Storage server (the gcs_server fixture) points the proxy variables at itself for the rest of the session; the
+    processes' coordinator (gRPC on localhost) must not go through it: they get the session's original proxy
+    settings."""
     from tests.conftest import ENV_AT_START  # noqa: PLC0415  (the environment before any fixture changed it)
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and k not in PROXY_KEYS}
     env.update({k: ENV_AT_START[k] for k in PROXY_KEYS if k in ENV_AT_START})
+    return env
+
+
+def _run_once(script, nproc, argv, hold, timeout_s):
+    sock, port = reserve_port(hold)
+    env = worker_env()
     logs = [tempfile.TemporaryFile("w+") for _ in range(nproc)]
     procs = [subprocess.Popen([sys.executable, "-c", LAUNCHER, os.path.join(HERE, script)]
                               + [str(a) for a in argv(pid, port)],
