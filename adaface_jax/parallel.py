@@ -421,6 +421,8 @@ def _coordination_client():
 
 
 def is_multiprocess_run() -> bool:
+    """Whether jax.distributed joined this process to others (``process_count() > 1`` without starting JAX's
+    backend)."""
     return _coordination_client() is not None
 
 
