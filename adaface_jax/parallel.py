@@ -404,7 +404,9 @@ def sum_over_processes(count: int) -> int:
 # coordination service's key-value store and leaves at once (no barrier); every other process watches that key
 # from a thread -- its main thread may be blocked in a collective -- and leaves too, saying which process failed.
 # Leaving is what kill -9 does to a run: the checkpoints already committed are intact and the run resumes from the
-# latest (an orbax save still in flight never reaches its commit, and is not read back).
+# latest (an orbax save still in flight never reaches its commit, and is not read back). A process killed without a
+# word is left to JAX's heartbeat timeout: the service's liveness query (GetAliveTasks) waits for every process it
+# asks about, and one stuck in a collective never answers.
 
 FAILURE_KEY = "adaface_jax/failure"
 LEFT_KEY = "adaface_jax/left"  # LEFT_KEY/<process>: this process is leaving after a failure
@@ -485,19 +487,11 @@ def peer_failure(timeout_s: float = 0.0) -> Optional[tuple[int, str]]:
     return (int(process), message) if int(process) != jax.process_index() else None
 
 
-def leave_if_another_failed(say: Callable[[int, str], str], wait_s: float = 0.0, status: int = 1) -> None:
-    """This process's collective failed: if another process has said it failed (waiting up to ``wait_s`` for it,
-    as its word and the broken connection race), leave as ``leave_for_peer_failure`` does. Returns otherwise.
-
-    (No liveness query here: the coordination service's GetAliveTasks waits for every process it asks about, and
-    a process stuck in a collective never answers.)"""
-    if peer_failure(wait_s) is not None:
-        leave_for_peer_failure(say, status)
-
-
-def leave_for_peer_failure(say: Callable[[int, str], str], status: int = 1) -> None:
-    """Another process failed: print ``say(process, its message)`` to stderr and exit now with ``status``."""
-    found = peer_failure()
+def leave_for_peer_failure(say: Callable[[int, str], str], status: int = 1, wait_s: float = 0.0) -> None:
+    """If another process has failed (waiting up to ``wait_s`` for it to say so: a process whose collective failed
+    races that process's word), print ``say(process, its message)`` to stderr and exit now with ``status``.
+    Returns when none has."""
+    found = peer_failure(wait_s)
     if found is None or not _first_way_out():
         return
     print(say(*found), file=sys.stderr, flush=True)
@@ -520,9 +514,8 @@ def watch_for_peer_failure(say: Callable[[int, str], str], status: int = 1) -> O
                 if "DEADLINE_EXCEEDED" not in str(e):  # the service is unreachable: JAX itself ends the process
                     stop.wait(WATCH_POLL_MS / 1000)
                 continue  # nobody failed yet (the loop re-checks ``stop``)
-            if peer_failure() is not None:
-                leave_for_peer_failure(say, status)
-            return  # this process's own failure: fail_run is leaving
+            leave_for_peer_failure(say, status)
+            return  # the key is this process's own failure: fail_run is leaving
 
     thread = threading.Thread(target=watch, name="peer-failure-watch", daemon=True)
     thread.start()

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             from adaface_jax import parallel  # noqa: PLC0415
 
             # A collective fails when another process has left: say that one's error, not this traceback.
-            parallel.leave_if_another_failed(peer_failed(name), wait_s=PEER_FAILURE_WAIT_S)
+            parallel.leave_for_peer_failure(peer_failed(name), wait_s=PEER_FAILURE_WAIT_S)
             traceback.print_exc()
             _leave_the_run(f"{type(exc).__name__}: {one_line(exc)}", 1)
         raise
