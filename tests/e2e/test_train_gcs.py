@@ -27,7 +27,7 @@ import pytest
 
 from adaface_jax import io
 from tests.support import REPO as REPO_ROOT
-from tests.support.cli_fixtures import CLI, slowed_cli
+from tests.support.cli_fixtures import CLI, assert_no_scheme_folders, slowed_cli
 from tests.support.gcs_server import KNOWN_REFUSED, activity_between
 
 REPO = str(REPO_ROOT)
@@ -35,7 +35,6 @@ CONFIG = os.path.join(REPO, "configs", "cpu_synthetic.py")
 CLASSES, PER_CLASS, BATCH = 4, 8, 8
 SPE = CLASSES * PER_CLASS // BATCH  # steps per epoch
 TIMEOUT_S = 420  # subprocesses start, compile and train on 2 shared cores
-SCHEME_FOLDERS = ("gs:", "s4:")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -98,14 +97,6 @@ def final_items(workdir):
     step = checkpoint_steps(workdir)[-1]
     items = jax.device_get(restore_items(io.join(workdir, "checkpoints", str(step))))
     return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(items)}
-
-
-def assert_no_scheme_folders(tmp_path):
-    """No local folder named after a URL scheme, in the runs' cwd (any depth) or in the repository root."""
-    found = [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path) for n in dirs + files
-             if n in SCHEME_FOLDERS]
-    found += [os.path.join(REPO, n) for n in SCHEME_FOLDERS if os.path.lexists(os.path.join(REPO, n))]
-    assert found == [], found
 
 
 def assert_server_clean(server, before):

@@ -9,8 +9,10 @@ Two processes x 1 CPU device (gloo) train the tiny backbone on the random source
 every 2 steps (synchronously, so step 2 is committed when step 3 runs); ONE of them fails after step 3 through
 `train`'s ``after_step`` hook, as a shard that only it reads would fail:
 
-* process 1 with an OSError (an expected error: one line, no traceback);
-* process 0, which hosts the coordination service, with a bug (a RuntimeError: its traceback, then it leaves).
+* process 1 with an OSError (an expected error: one line, no traceback), the workdir in a bucket on the loopback
+  Cloud Storage server (nothing may land in a local folder named after the URL);
+* process 0, which hosts the coordination service, with a bug (a RuntimeError: its traceback, then it leaves),
+  the workdir on disk.
 """
 import os
 import subprocess
@@ -20,6 +22,7 @@ import pytest
 
 from tests.support import REPO as REPO_ROOT
 from tests.support import process_group
+from tests.support.cli_fixtures import assert_no_scheme_folders
 
 REPO = str(REPO_ROOT)
 CONFIG = os.path.join(REPO, "configs", "cpu_synthetic.py")
@@ -53,15 +56,17 @@ def train_argv(workdir, port, process):
             *(f"--config.{k}={v}" for k, v in config.items())]
 
 
-def launch(workdir, failing, raise_expr):
-    """-> ([rc of each process], [stderr of each]); retried when another program took the coordinator port."""
+def launch(workdir, failing, raise_expr, cwd, server_env):
+    """-> ([rc of each process], [stderr of each]), run in ``cwd`` with ``server_env`` (the loopback bucket's, or
+    nothing); retried when another program took the coordinator port."""
     for attempt in range(process_group.ATTEMPTS):
         sock, port = process_group.reserve_port(hold=attempt == 0)
-        env = {**process_group.worker_env(), "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": "",
+        env = {**process_group.worker_env(), **server_env, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": "",
                "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "TF_CPP_MIN_LOG_LEVEL": "2"}
         try:
             procs = [subprocess.Popen([*failing_cli(pid, failing, raise_expr), *train_argv(workdir, port, pid)],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                      env=env, cwd=str(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True)
                      for pid in range(2)]
             errs = []
             for p in procs:
@@ -83,11 +88,16 @@ def launch(workdir, failing, raise_expr):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("failing,error", [(1, "OSError"), (0, "RuntimeError")])
-def test_one_process_failing_stops_every_process_with_one_line_each(tmp_path, failing, error):
+@pytest.mark.parametrize("failing,error,where", [(1, "OSError", "bucket"), (0, "RuntimeError", "disk")])
+def test_one_process_failing_stops_every_process_with_one_line_each(request, tmp_path, failing, error, where):
     raise_expr, said = FAILURES[error]
-    workdir = tmp_path / "run"
-    codes, errs = launch(workdir, failing, raise_expr)
+    server_env, workdir = {}, str(tmp_path / "run")
+    if where == "bucket":
+        server_env = request.getfixturevalue("gcs_server").env
+        workdir = f"{request.getfixturevalue('gcs_bucket')}/runs/pod"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    codes, errs = launch(workdir, failing, raise_expr, cwd, server_env)
     survivor = 1 - failing
     assert codes == [1, 1], "\n".join(f"--- process {pid} (rc {c}) ---\n{e[-3000:]}"
                                       for pid, (c, e) in enumerate(zip(codes, errs)))
@@ -107,9 +117,10 @@ def test_one_process_failing_stops_every_process_with_one_line_each(tmp_path, fa
     # What was committed stays readable: the step-2 checkpoint, written by both processes before step 3.
     from adaface_jax.run_dir import RunDir  # noqa: PLC0415
     from adaface_jax.train.checkpointer import Checkpointer  # noqa: PLC0415
-    ckpt = Checkpointer(RunDir.of(str(workdir)))
+    ckpt = Checkpointer(RunDir.of(workdir))
     try:
         assert ckpt.latest_step() == 2
         assert ckpt.read_meta(2)["topology"] == {"processes": 2, "devices": 2}
     finally:
         ckpt.close()
+    assert_no_scheme_folders(tmp_path)

@@ -17,6 +17,7 @@ from tests.support import REPO as REPO_ROOT
 REPO = str(REPO_ROOT)
 # `adaface-jax ...` in a fresh interpreter, through the stable entry point adaface_jax.cli.main.
 CLI = [sys.executable, "-c", "import sys; from adaface_jax.cli import main; sys.exit(main(sys.argv[1:]))"]
+SCHEME_FOLDERS = ("gs:", "s4:")  # what a path layer that mistook a URL for a local path would create
 
 
 def slowed_cli(delay_s: float) -> list[str]:
@@ -144,3 +145,11 @@ def ok(capsys, argv) -> dict:
     out, err = capsys.readouterr()
     assert rc == 0, err
     return json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else out
+
+
+def assert_no_scheme_folders(tmp_path):
+    """No local folder named after a URL scheme, in the runs' cwd (any depth) or in the repository root."""
+    found = [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path) for n in dirs + files
+             if n in SCHEME_FOLDERS]
+    found += [os.path.join(REPO, n) for n in SCHEME_FOLDERS if os.path.lexists(os.path.join(REPO, n))]
+    assert found == [], found
