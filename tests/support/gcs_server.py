@@ -281,7 +281,8 @@ class GcsServer:
         """What the server saw: ``{"connects": {target: count}, "refused": [{"kind", "method", "target"}...],
         "requests": [{"host", "method", "path", "status", "t" (s since start), "dt" (s to answer)}...] (the last
         20000), "requests_total": n,
-        "metadata": [...] (GCE metadata hits), "errors": [...] (handler exceptions, TLS failures)}``;
+        "metadata": [...] (GCE metadata hits), "errors": [...] (handler exceptions, TLS failures; not a client that
+        hung up)}``;
         ``requests=N`` keeps only the last N requests."""
         return self._get("/_test/log" + ("" if requests is None else f"?requests={int(requests)}"))
 
@@ -680,6 +681,8 @@ def _serve(args):
             self.wfile.flush()
             try:
                 tls = ssl_ctx.wrap_socket(self.connection, server_side=True)
+            except ConnectionError:
+                return None  # the client hung up (a process that exited mid-request), as in Server.handle_error
             except (ssl.SSLError, OSError) as e:
                 with state.log_lock:
                     state.errors.append({"method": "CONNECT", "path": target, "error": f"TLS handshake: {e!r}"})
